@@ -1,0 +1,1 @@
+"""asd-deploy: one-step causal video generation (ASD) made deployable."""

@@ -1,0 +1,75 @@
+"""The flow-matching schedule: timesteps for any step count, First-Frame Enhancement, updates.
+
+Owns: the shifted sigma table (shift 5.0, 1000 training timesteps), the warped denoising
+timesteps for 1..4 steps, the per-chunk step plan with FFE, and the per-step update
+(flow -> x0 -> re-noise). Does not own: drawing noise (the loop owns its seeded generator).
+
+Convention (as in Self-Forcing): `x_t = (1 - sigma) x0 + sigma eps`, the network predicts
+`v = eps - x0`, timestep = 1000 * sigma.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_STEPS = 4
+
+
+def shift_sigma(sigma: float, shift: float = 5.0) -> float:
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def denoising_timesteps(steps: int, shift: float = 5.0, num_train_timesteps: int = 1000) -> list[float]:
+    """`linspace(1000, 0, steps+1)[:-1]` warped onto the shifted table.
+
+    Self-Forcing warps an integer step list t through `table[1000 - t]`, where table[i] is the
+    shifted timestep of sigma = 1 - i/1000; that is `1000 * shift_sigma(t / 1000)`, computed
+    here in closed form so 3 steps (non-integer t) are exact too. 4 steps -> [1000, 937.5,
+    833.33, 625.0].
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer in 1..{MAX_STEPS}; got {steps!r}")
+    n = num_train_timesteps
+    raw = [n * (1 - i / steps) for i in range(steps)]
+    return [n * shift_sigma(t / n, shift) for t in raw]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many denoising steps each chunk gets. With FFE the first chunk gets `ffe_steps`."""
+    steps: int = 1
+    ffe: bool = False
+    ffe_steps: int = 4
+    shift: float = 5.0
+
+    def __post_init__(self):
+        denoising_timesteps(self.steps)  # validates
+        if self.ffe:
+            denoising_timesteps(self.ffe_steps)
+
+    def steps_for_chunk(self, chunk: int) -> int:
+        return self.ffe_steps if (self.ffe and chunk == 0) else self.steps
+
+    def timesteps_for_chunk(self, chunk: int) -> list[float]:
+        return denoising_timesteps(self.steps_for_chunk(chunk), self.shift)
+
+    def sigmas_for_chunk(self, chunk: int) -> list[float]:
+        """Sigmas of the chunk's steps followed by 0 (the clean end)."""
+        return [t / 1000.0 for t in self.timesteps_for_chunk(chunk)] + [0.0]
+
+    def describe(self) -> str:
+        return f"{self.steps}-step" + (f" + FFE ({self.ffe_steps} steps on chunk 0)" if self.ffe else "")
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "ffe": self.ffe, "ffe_steps": self.ffe_steps, "shift": self.shift,
+                "timesteps": {str(k): denoising_timesteps(k, self.shift)
+                              for k in sorted({self.steps, self.ffe_steps if self.ffe else self.steps})}}
+
+
+def flow_to_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: float) -> torch.Tensor:
+    return x_t - sigma * flow
+
+
+def renoise(x0: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
+    return (1 - sigma) * x0 + sigma * eps
