@@ -1,0 +1,96 @@
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from asd_deploy.checkpoint import (CheckpointError, from_diffusers, load_checkpoint, read_state_dict,
+                                   save_checkpoint, state_dict_hash, to_diffusers, to_diffusers_model)
+from asd_deploy.model import build_model
+
+from conftest import ODD
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_self_forcing_format_loads_identical_weights(tmp_path, tiny_cfg, tiny_model):
+    other = build_model(tiny_cfg, seed=5)
+    path = save_checkpoint(tmp_path / "sf.pt", generator=other.state_dict(), critic=other.state_dict(),
+                           generator_ema=tiny_model.state_dict())
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"generator", "critic", "generator_ema"}
+    assert all(k.startswith("model.") for k in raw["generator"])
+    _same_weights(load_checkpoint(path, tiny_cfg), tiny_model)          # generator_ema preferred
+    _same_weights(load_checkpoint(path, tiny_cfg, prefer="generator"), other)
+    no_ema = save_checkpoint(tmp_path / "g.pt", generator=other.state_dict())
+    _same_weights(load_checkpoint(no_ema, tiny_cfg), other)
+
+
+def test_plain_safetensors_and_diffusers_formats(tmp_path, tiny_cfg, tiny_model):
+    torch.save(tiny_model.state_dict(), tmp_path / "plain.pth")
+    _same_weights(load_checkpoint(tmp_path / "plain.pth", tiny_cfg), tiny_model)
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, tmp_path / "w.safetensors")
+    _same_weights(load_checkpoint(tmp_path / "w.safetensors", tiny_cfg), tiny_model)
+    to_diffusers_model(tiny_model).save_pretrained(tmp_path / "diffusers")
+    _same_weights(load_checkpoint(tmp_path / "diffusers", tiny_cfg), tiny_model)
+    torch.save(to_diffusers(tiny_model.state_dict()), tmp_path / "diffusers_sd.pt")
+    _same_weights(load_checkpoint(tmp_path / "diffusers_sd.pt", tiny_cfg), tiny_model)
+
+
+def test_diffusers_conversion_is_a_bijection(tiny_model):
+    sd = tiny_model.state_dict()
+    d = to_diffusers(sd)
+    assert "condition_embedder.time_proj.weight" in d and "blocks.0.attn2.to_out.0.bias" in d
+    assert "blocks.0.norm2.weight" in d and "blocks.0.scale_shift_table" in d and "scale_shift_table" in d
+    back = from_diffusers(d)
+    assert back.keys() == sd.keys() and all(back[k] is sd[k] for k in sd)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/asd_deploy_pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, tiny_cfg):
+    if os.path.exists("/tmp/asd_deploy_pwned"):
+        os.unlink("/tmp/asd_deploy_pwned")
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"generator": _Evil()}, f)
+    torch.save({"generator_ema": {"x": _Evil()}}, tmp_path / "evil_zip.pt")
+    for p in (bad, tmp_path / "evil_zip.pt"):
+        with pytest.raises(CheckpointError, match="refused to load"):
+            load_checkpoint(p, tiny_cfg)
+    assert not os.path.exists("/tmp/asd_deploy_pwned")
+
+
+def test_strict_mismatch_lists_keys(tmp_path, tiny_cfg, tiny_model):
+    sd = dict(tiny_model.state_dict())
+    sd.pop("head.modulation")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["blocks.0.ffn.0.weight"] = torch.zeros(3, 3)
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "bad.pt", tiny_cfg)
+    msg = str(e.value)
+    assert "missing: 1 ['head.modulation']" in msg and "unexpected: 1 ['extra.weight']" in msg
+    assert "blocks.0.ffn.0.weight: expected [160, 64], found [3, 3]" in msg
+    with pytest.raises(CheckpointError, match="does not match config 'odd'"):
+        load_checkpoint(tmp_path / "bad.pt", ODD)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_state_dict(tmp_path / "nope.pt")
+
+
+def test_hash_tracks_content(tiny_cfg, tiny_model):
+    sd = tiny_model.state_dict()
+    h = state_dict_hash(sd)
+    assert h == state_dict_hash({k: v.clone() for k, v in sd.items()})
+    changed = dict(sd)
+    changed["head.head.bias"] = sd["head.head.bias"] + 1e-3
+    assert state_dict_hash(changed) != h
