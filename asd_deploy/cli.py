@@ -1,0 +1,153 @@
+"""Command line: `python -m asd_deploy generate ...` and `python -m asd_deploy encode-prompt ...`.
+
+Owns: argument parsing, progress and summary printing, turning errors into one-line messages
+and a non-zero exit. Does not own any generation logic (`pipeline.py`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_PROMPT = "a red circle moving right on a white background"
+BACKENDS = ("eager", "compile", "ort", "aoti", "trt")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m asd_deploy",
+                                 description="One-step causal video generation (ASD), streaming chunk by chunk.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a video (mp4) or its latents (.pt)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--model", default="default",
+                   help="'default' (embedded, no download) or a model folder (config.json, dit.safetensors, vae/, "
+                        "text_encoder/)")
+    g.add_argument("--checkpoint", default=None,
+                   help="DiT weights overriding the model's: a Self-Forcing/ASD .pt, safetensors, a diffusers "
+                        "folder, or 'random' (seeded random weights at --config)")
+    g.add_argument("--config", default=None, help="config preset for --checkpoint (tiny, small, medium, wan2.1-1.3b)")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt")
+    g.add_argument("--steps", type=int, default=1, help="denoising steps per chunk (1-4), one model serves all")
+    g.add_argument("--ffe", action=argparse.BooleanOptionalAction, default=True,
+                   help="First-Frame Enhancement: the first chunk uses --ffe-steps")
+    g.add_argument("--ffe-steps", type=int, default=4, help="steps for the first chunk with --ffe")
+    g.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
+    g.add_argument("--frames", type=int, default=None,
+                   help="pixel frames, 1+4k filling whole 3-latent-frame chunks (e.g. 9, 21, 33, ...); "
+                        "default: one cache length")
+    g.add_argument("--out", default="out.mp4", help="output: .mp4 for video, .pt for latents [1, C, F, H, W]")
+    g.add_argument("--sheet", default=None, help="also write a PNG contact sheet of the frames")
+    g.add_argument("--backend", default="eager", choices=BACKENDS, help="DiT backend")
+    g.add_argument("--engine", default=None,
+                   help="engine folder from `python -m export.build` (default: looked up under engines/)")
+    g.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder overriding the model's")
+    g.add_argument("--text-encoder", default=None, help="local umT5 folder overriding the model's")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("encode-prompt", help="encode a prompt to a .npy embedding [1, text_len, text_dim]",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--model", default="default", help="'default' or a model folder")
+    e.add_argument("--prompt", required=True)
+    e.add_argument("--out", required=True, help="output .npy")
+    return ap
+
+
+def _generate(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .pipeline import Pipeline
+    from .video import check_writable, contact_sheet, write_mp4
+
+    out = Path(args.out)
+    if out.suffix not in (".mp4", ".pt"):
+        raise ValueError(f"--out must end in .mp4 (video) or .pt (latents); got {out.name!r}")
+    check_writable(out)
+    if args.sheet:
+        check_writable(args.sheet)
+    if args.config and not args.checkpoint:
+        if args.model != "default":
+            raise ValueError("--config applies to --checkpoint; a model folder carries its own config")
+        args.checkpoint = "random" if args.config != "tiny" else None
+    from .config import ModelConfig
+    from .schedule import Schedule
+
+    Schedule(steps=args.steps, ffe=args.ffe, ffe_steps=args.ffe_steps)  # validate before loading anything
+    pipe = _pipeline(args)
+    if args.frames is not None:
+        pipe.config.latent_frames_for(args.frames)
+    if pipe.info.get("trained") is False:
+        print("note: the default model has RANDOM weights (no trained checkpoint is shipped yet); "
+              "the video is noise-like. Every code path is real.", file=sys.stderr)
+    stream = pipe.stream(args.prompt, steps=args.steps, ffe=args.ffe, seed=args.seed, frames=args.frames,
+                         latents_only=out.suffix == ".pt")
+    frames = []
+    for chunk in tqdm(stream, total=stream.num_chunks, unit="chunk", disable=args.quiet, file=sys.stderr):
+        frames.append(chunk)
+    latents = torch.cat(stream.latents, dim=2)
+    if out.suffix == ".pt":
+        from .checkpoint import atomic_write
+        atomic_write(out, lambda tmp: torch.save(latents.cpu(), tmp))
+    else:
+        import numpy as np
+        video = np.concatenate(frames, axis=0)
+        write_mp4(video, out, fps=pipe.fps)
+        if args.sheet:
+            contact_sheet(video, args.sheet, every=max(1, len(video) // 16))
+    s = stream.stats.summary(pipe.fps)
+    cfg = pipe.config
+    res = f"{cfg.width}x{cfg.height}"
+    what = (f"{s['frames']} frames {res} ({s['video_seconds']:.2f} s at {pipe.fps} fps)" if out.suffix == ".mp4"
+            else f"latents {list(latents.shape)} ({stream.num_chunks} chunks)")
+    print(f"wrote {out}: {what}; backend {pipe.info['backend']}, {Schedule(args.steps, args.ffe, args.ffe_steps).describe()}")
+    if out.suffix == ".mp4":
+        print(f"  FPS {s['fps_dit_only']:.1f} DiT only, {s['fps_with_vae']:.1f} incl. VAE decode; "
+              f"first frame after {s['first_frame_s']:.3f} s (text {s['text_s']:.3f} s)")
+    else:
+        print(f"  DiT {s['dit_s']:.3f} s; first chunk after {s['first_frame_s']:.3f} s")
+    if args.sheet:
+        print(f"  contact sheet: {args.sheet}")
+    return 0
+
+
+def _pipeline(args):
+    from .pipeline import Pipeline
+
+    if args.checkpoint:  # a bare DiT checkpoint with the default VAE/text encoder of its config
+        return Pipeline.from_checkpoint(args.checkpoint, args.config, backend=args.backend, engine=args.engine,
+                                        vae=args.vae, text_encoder=args.text_encoder)
+    return Pipeline.from_pretrained(args.model, backend=args.backend, engine=args.engine, vae=args.vae,
+                                    text_encoder=args.text_encoder)
+
+
+def _encode_prompt(args) -> int:
+    import numpy as np
+
+    from .pipeline import Pipeline
+    from .video import check_writable
+
+    out = check_writable(args.out)
+    if out.suffix != ".npy":
+        raise ValueError(f"--out must end in .npy; got {out.name!r}")
+    pipe = Pipeline.from_pretrained(args.model)
+    emb = pipe.encode_prompt(args.prompt).float().cpu().numpy()
+    from .checkpoint import atomic_write
+    atomic_write(out, lambda tmp: np.save(open(tmp, "wb"), emb))
+    print(f"wrote {out}: float32 {list(emb.shape)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "encode-prompt": _encode_prompt}[args.command](args)
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, RuntimeError, ImportError) as e:
+        msg = str(e).strip().splitlines()
+        print(f"error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
+        for line in msg[1:6]:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130

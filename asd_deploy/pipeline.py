@@ -1,0 +1,204 @@
+"""The public API for applications: prompt in, video frames out, chunk by chunk.
+
+Owns: `Pipeline` (config + DiT backend + text encoder + VAE), `Stream` (one generation: an
+iterator of uint8 frames with its own cache, noise and timings) and model-folder loading.
+Does not own: the loop (`generator.py`), backends (`backends/`), the VAE or text encoders.
+
+Model folder layout (`Pipeline.from_pretrained(DIR)`):
+    config.json        {"model": {ModelConfig fields}, "text_encoder": "default" | "text_encoder",
+                        "fps": 16}
+    dit.safetensors    (or any file `load_checkpoint` reads; "checkpoint" in config.json names it)
+    vae/               a diffusers AutoencoderKLWan folder
+    text_encoder/      a umT5 folder (transformers), unless "text_encoder" is "default"
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .generator import EagerStep, generate, num_chunks_for
+from .schedule import Schedule
+
+DEFAULT_FPS = 16
+
+
+@dataclass
+class ChunkTiming:
+    index: int
+    frames: int
+    dit_s: float
+    vae_s: float
+    ready_s: float     # since the stream started (text encoding included)
+
+
+@dataclass
+class StreamStats:
+    text_s: float = 0.0
+    chunks: list[ChunkTiming] = field(default_factory=list)
+
+    @property
+    def frames(self) -> int:
+        return sum(c.frames for c in self.chunks)
+
+    @property
+    def first_frame_s(self) -> float:
+        return self.chunks[0].ready_s if self.chunks else float("nan")
+
+    def summary(self, fps_video: int) -> dict:
+        dit = sum(c.dit_s for c in self.chunks)
+        vae = sum(c.vae_s for c in self.chunks)
+        n = self.frames
+        return {"frames": n, "video_seconds": n / fps_video, "text_s": self.text_s, "dit_s": dit, "vae_s": vae,
+                "fps_dit_only": n / dit if dit else float("nan"),
+                "fps_with_vae": n / (dit + vae) if dit + vae else float("nan"),
+                "first_frame_s": self.first_frame_s}
+
+
+class Stream:
+    """One generation. Iterate for uint8 frames [T, H, W, 3] per chunk; `stats` fills as it goes.
+    Owns its cache, noise generator and VAE decode state, so streams can run in parallel threads."""
+
+    def __init__(self, pipe: "Pipeline", prompt: str, steps: int, ffe: bool, seed: int, frames: int | None,
+                 latents_only: bool = False):
+        cfg = pipe.config
+        self.pipe, self.schedule = pipe, Schedule(steps=steps, ffe=ffe)
+        self.frames = frames or cfg.pixel_frames_for(cfg.cache_chunks * cfg.frames_per_chunk)
+        self.num_chunks = num_chunks_for(cfg, self.frames)
+        self.prompt, self.seed, self.latents_only = prompt, seed, latents_only
+        self.stats = StreamStats()
+        self.latents: list[torch.Tensor] = []
+        self._it = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._it)
+
+    def _run(self) -> Iterator[np.ndarray]:
+        t0 = time.perf_counter()
+        context = self.pipe.encode_prompt(self.prompt)
+        self.stats.text_s = time.perf_counter() - t0
+        decoder = None if self.latents_only else self.pipe.vae.stream_decoder(batch_size=1)
+        chunks = generate(self.pipe.step, context, num_chunks=self.num_chunks, schedule=self.schedule,
+                          seed=self.seed)
+        for i in range(self.num_chunks):
+            ta = time.perf_counter()
+            lat = next(chunks)
+            tb = time.perf_counter()
+            self.latents.append(lat)
+            if decoder is None:
+                frames = np.zeros((0,), np.uint8)
+                n = self.pipe.config.frames_per_chunk
+            else:
+                from .vae import to_uint8_frames
+                frames = to_uint8_frames(decoder.decode_chunk(lat.float()))
+                n = frames.shape[0]
+            tc = time.perf_counter()
+            self.stats.chunks.append(ChunkTiming(i, n, tb - ta, tc - tb, tc - t0))
+            yield frames
+
+
+class Pipeline:
+    """config + DiT backend + text encoder + VAE. Thread-safe for concurrent `stream`s."""
+
+    def __init__(self, config: ModelConfig, step, text_encoder, vae, fps: int = DEFAULT_FPS, info: dict | None = None):
+        self.config, self.step, self.text_encoder, self.vae, self.fps = config, step, text_encoder, vae, fps
+        self.info = info or {}
+        self._prompt_lock = threading.Lock()
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str = "default", backend: str = "eager", engine: str | None = None,
+                        checkpoint: str | None = None, vae: str | None = None, text_encoder: str | None = None,
+                        device: str = "cpu") -> "Pipeline":
+        """`path`: "default" (the embedded model) or a model folder (layout in the module doc).
+        `backend`: eager | compile | ort | aoti | trt; engines come from `engine` (a folder built
+        by `python -m export.build`) or are looked up under `engines/` by their manifest."""
+        from .registry import ASSETS, default_is_trained, load_dit
+
+        if path == "default":
+            loaded = load_dit(checkpoint or "default", device=device)
+            trained_assets = default_is_trained()
+            return cls._assemble(loaded, vae or (ASSETS / "vae" if trained_assets else None),
+                                 text_encoder or "default", backend, engine, "default", DEFAULT_FPS)
+        root = Path(path)
+        if not (root / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {root} not found or has no config.json; expected 'default' or a "
+                                    f"folder with config.json, dit.safetensors, vae/ (and text_encoder/)")
+        meta = json.loads((root / "config.json").read_text())
+        cfg = ModelConfig.from_dict(meta["model"])
+        loaded = load_dit(checkpoint or str(root / meta.get("checkpoint", "dit.safetensors")), cfg, device=device)
+        te = text_encoder or meta.get("text_encoder", "text_encoder")
+        te = te if te == "default" or Path(te).is_absolute() else str(root / te)
+        return cls._assemble(loaded, vae or root / "vae", te, backend, engine, str(root),
+                             int(meta.get("fps", DEFAULT_FPS)))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str, config: str | ModelConfig | None = None, backend: str = "eager",
+                        engine: str | None = None, vae: str | None = None, text_encoder: str | None = None,
+                        device: str = "cpu") -> "Pipeline":
+        """A bare DiT checkpoint (or "random") at `config`. Without `vae`, a tiny random-weight VAE
+        with Wan's strides decodes (for plumbing and speed checks); without `text_encoder`, the
+        default sentence encoder serves configs with text_dim 384, and others need a umT5 folder."""
+        from .registry import load_dit
+
+        loaded = load_dit(checkpoint, config, device=device)
+        if text_encoder is None and loaded.config.text_dim != 384:
+            raise ValueError(f"config {loaded.config.name!r} takes text_dim={loaded.config.text_dim} embeddings; "
+                             f"give --text-encoder PATH (a local umT5 folder)")
+        return cls._assemble(loaded, vae, text_encoder or "default", backend, engine, str(checkpoint), DEFAULT_FPS)
+
+    @classmethod
+    def _assemble(cls, loaded, vae, text_encoder, backend, engine, model_name, fps) -> "Pipeline":
+        from .text import load_text_encoder
+        from .vae import VideoVAE
+
+        cfg = loaded.config
+        vae_obj = VideoVAE.from_pretrained(vae) if vae else VideoVAE.tiny(seed=0, z_dim=cfg.in_channels)
+        if vae_obj.z_dim != cfg.in_channels:
+            raise ValueError(f"VAE has z_dim={vae_obj.z_dim} but the DiT takes in_channels={cfg.in_channels}")
+        text = load_text_encoder(text_encoder, cfg.text_len)
+        if text.text_dim != cfg.text_dim:
+            raise ValueError(f"text encoder gives {text.text_dim}-dim embeddings; the DiT expects text_dim="
+                             f"{cfg.text_dim}")
+        step = make_step(backend, loaded, engine)
+        info = {"model": model_name, "trained": loaded.trained, "weights_hash": loaded.weights_hash,
+                "backend": getattr(step, "name", backend), "vae": str(vae) if vae else "tiny random"}
+        return cls(cfg, step, text, vae_obj, fps, info)
+
+    # ---- use --------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """[1, text_len, text_dim]; encoded once per prompt and kept."""
+        with self._prompt_lock:
+            if prompt not in self._prompt_cache:
+                self._prompt_cache[prompt] = self.text_encoder.encode(prompt)
+            return self._prompt_cache[prompt]
+
+    def stream(self, prompt: str, steps: int = 1, ffe: bool = True, seed: int = 0, frames: int | None = None,
+               latents_only: bool = False) -> Stream:
+        return Stream(self, prompt, steps, ffe, seed, frames, latents_only)
+
+    def __call__(self, prompt: str, steps: int = 1, ffe: bool = True, seed: int = 0, frames: int | None = None):
+        """The whole video: uint8 [T, H, W, 3] (and the stream, for stats and latents)."""
+        s = self.stream(prompt, steps, ffe, seed, frames)
+        video = np.concatenate(list(s), axis=0)
+        return video, s
+
+
+def make_step(backend: str, loaded, engine: str | None = None):
+    """A chunk step for `backend` serving the loaded DiT (engines are validated against it)."""
+    if backend == "eager":
+        return EagerStep(loaded.model)
+    from . import backends
+
+    return backends.make_backend(backend, loaded, engine=engine)

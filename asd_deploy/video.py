@@ -1,0 +1,87 @@
+"""Video files: mp4 through imageio-ffmpeg (its ffmpeg binary ships in the PyPI wheel), PNG
+contact sheets, and reading back. Every file is written to a temporary name and renamed.
+
+Owns: file I/O of uint8 frames [T, H, W, 3]. Does not own decoding latents (`vae.py`).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail before any work if `path` cannot be written (missing folder, no permission)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write {path}: folder {parent} is not writable")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name")
+    return path
+
+
+def _atomic(path: Path, write) -> Path:
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+        raise ValueError(f"frames must be uint8 [T, H, W, 3] with T >= 1; got {frames.dtype} {list(frames.shape)}")
+    return frames
+
+
+def write_mp4(frames: np.ndarray, path, fps: int = 16) -> Path:
+    """H.264 mp4 (yuv420p). Odd sizes are padded by ffmpeg's macro-block rounding off: we keep
+    the exact size by encoding with macro_block_size=1."""
+    import imageio.v2 as iio
+
+    frames = _check_frames(frames)
+
+    def write(tmp):
+        with iio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
+                            macro_block_size=1, ffmpeg_log_level="error",
+                            output_params=["-pix_fmt", "yuv420p"]) as w:
+            for f in frames:
+                w.append_data(f)
+    return _atomic(Path(path), write)
+
+
+def read_mp4(path) -> tuple[np.ndarray, float]:
+    """uint8 frames [T, H, W, 3] and the stored fps."""
+    import imageio.v2 as iio
+
+    with iio.get_reader(str(path), format="FFMPEG") as r:
+        fps = r.get_meta_data()["fps"]
+        return np.stack(list(r)), fps
+
+
+def contact_sheet(frames: np.ndarray, path, cols: int = 8, every: int = 1, scale: int = 2) -> Path:
+    """A PNG grid of every `every`-th frame, each upscaled `scale`x (nearest) for viewing."""
+    import imageio.v2 as iio
+
+    frames = _check_frames(frames)[::every]
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    n, h, w, _ = frames.shape
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    sheet = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for i, f in enumerate(frames):
+        r, c = divmod(i, cols)
+        sheet[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = f
+    return _atomic(Path(path), lambda tmp: iio.imwrite(tmp, sheet, format="PNG"))
