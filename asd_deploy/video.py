@@ -67,7 +67,7 @@ def read_mp4(path) -> tuple[np.ndarray, float]:
 
     with iio.get_reader(str(path), format="FFMPEG") as r:
         fps = r.get_meta_data()["fps"]
-        return np.stack(list(r)), fps
+        return np.stack(list(r.iter_data())), fps
 
 
 def contact_sheet(frames: np.ndarray, path, cols: int = 8, every: int = 1, scale: int = 2) -> Path:

@@ -34,6 +34,26 @@ def time_fn(fn, repeats: int = 5, warmup: int = 1) -> dict:
             "repeats": repeats}
 
 
+def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Like `time_fn` for several functions, run round-robin so drift (thermal, other load) hits
+    all of them alike: a fair side-by-side comparison."""
+    out = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        out[name] = {"warmup": time.perf_counter() - t0, "times": []}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name]["times"].append(time.perf_counter() - t0)
+    for r in out.values():
+        ts = r.pop("times")
+        r.update(median=statistics.median(ts), min=min(ts), max=max(ts), repeats=repeats)
+    return out
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

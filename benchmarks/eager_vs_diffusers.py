@@ -18,7 +18,7 @@ from asd_deploy.cache import KVCache
 from asd_deploy.checkpoint import to_diffusers_model
 from asd_deploy.config import ModelConfig
 from asd_deploy.model import build_model
-from benchmarks.common import machine_info, report_dir, time_fn, write_json
+from benchmarks.common import machine_info, report_dir, time_interleaved, write_json
 
 
 def bench_config(name: str, repeats: int) -> dict:
@@ -33,13 +33,12 @@ def bench_config(name: str, repeats: int) -> dict:
     cache.cache_len.fill_(cfg.cache_tokens)  # a full cache: the steady-state step
     with torch.no_grad():
         ck, cv = model.cross_kv(ctx)
-        rows = {
-            "diffusers": time_fn(lambda: ref(x, t[:, 0], ctx, return_dict=False), repeats),
-            "ours_forward_train": time_fn(lambda: model.forward_train(x, t, ctx), repeats),
-            "ours_forward_step_full_cache": time_fn(
-                lambda: model.forward_step(x, t, ck, cv, cache.k, cache.v, cache.frame_index, cache.cache_len),
-                repeats),
-        }
+        rows = time_interleaved({
+            "diffusers": lambda: ref(x, t[:, 0], ctx, return_dict=False),
+            "ours_forward_train": lambda: model.forward_train(x, t, ctx),
+            "ours_forward_step_full_cache": lambda: model.forward_step(x, t, ck, cv, cache.k, cache.v,
+                                                                       cache.frame_index, cache.cache_len),
+        }, repeats)
     base = rows["diffusers"]["median"]
     for r in rows.values():
         r["speedup_vs_diffusers"] = base / r["median"]
@@ -50,7 +49,7 @@ def bench_config(name: str, repeats: int) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="tiny,small,medium")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args(argv)
     results = {"machine": machine_info(), "results": [bench_config(c, args.repeats) for c in args.configs.split(",")]}
     out = report_dir() / "eager_vs_diffusers.json"
