@@ -274,7 +274,7 @@ class CausalWanDiT(nn.Module):
         if frames % self.config.frames_per_chunk:
             raise ValueError(f"forward_train needs whole chunks of {self.config.frames_per_chunk} "
                              f"latent frames; got F={frames}")
-        if mask is None:
+        if mask is None and frames > self.config.frames_per_chunk:  # one chunk: full attention, no mask
             mask = attention_mask(self.config, frames, device=x.device)
         cross_k, cross_v = self.cross_kv(context)
         e, e0 = self.time_embed(t)
