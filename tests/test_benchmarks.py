@@ -1,0 +1,54 @@
+"""Smoke test of the latency report: files, schema, and numbers consistent with each other.
+No test asserts a speed."""
+import json
+
+import pytest
+
+from benchmarks.latency import main
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    main(["--config", "tiny", "--backends", "eager,trt", "--steps", "1", "--ffe", "--chunks", "3", "--repeats", "1",
+          "--long-chunks", "8", "--out", str(out)])
+    return out, json.loads((out / "latency.json").read_text())
+
+
+def test_files_and_machine(report):
+    out, res = report
+    for f in ("latency.json", "latency.md", "chunk_latency.png", "fps.png"):
+        assert (out / f).stat().st_size > 0, f
+    for k in ("cpu", "cores", "torch_threads", "torch", "onnxruntime"):
+        assert k in res["machine"]
+    assert res["matmul_peak_gflops"] > 0 and res["step_gflop"] > 0 and res["kv_cache_bytes"] > 0
+
+
+def test_rows_are_consistent(report):
+    _, res = report
+    eager = next(b for b in res["backends"] if b["backend"] == "eager")
+    scheds = [r["schedule"] for r in eager["rows"]]
+    assert "1-step" in scheds and "4-step" in scheds and any("FFE" in s for s in scheds)
+    for r in eager["rows"]:
+        assert len(r["chunk_dit_s"]) == 3 and all(x > 0 for x in r["chunk_dit_s"] + r["chunk_vae_s"])
+        steady_frames = sum(r["chunk_frames"][1:])
+        assert r["fps_dit_only"] == pytest.approx(steady_frames / sum(r["chunk_dit_s"][1:]))
+        assert r["fps_with_vae"] < r["fps_dit_only"]
+        assert r["time_to_first_frame_s"] == pytest.approx(r["text_s"] + r["chunk_dit_s"][0] + r["chunk_vae_s"][0])
+        assert 0 < r["pct_of_matmul_peak"] == pytest.approx(100 * r["achieved_gflops"] / res["matmul_peak_gflops"])
+    assert set(eager["speedup_vs_self_forcing"]) == set(scheds) - {"4-step"}
+
+
+def test_gpu_rows_never_carry_numbers(report):
+    out, res = report
+    trt = next(b for b in res["backends"] if b["backend"] == "trt")
+    assert "not_run" in trt and "rows" not in trt
+    md = (out / "latency.md").read_text()
+    assert "| trt | - | not run" in md and "eager+cudagraph | - | not run: no GPU" in md
+    assert "NOT a measurement" in md
+
+
+def test_long_video_section(report):
+    _, res = report
+    lv = res["long"]
+    assert lv["chunks"] == 8 and len(lv["chunk_s"]) == 8 and lv["ratio_50_over_5"] > 0
