@@ -204,14 +204,26 @@ def state_dict_hash(state_dict: dict) -> str:
     return h.hexdigest()
 
 
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call `write(tmp_path)`, then rename onto `path`: a crash never leaves a file that loads."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the temp name keeps the suffix: writers such as ffmpeg pick the format from it
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -31,6 +31,7 @@ def _import_transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar on every start
     return transformers
 
 

@@ -6,7 +6,6 @@ Owns: file I/O of uint8 frames [T, H, W, 3]. Does not own decoding latents (`vae
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +25,10 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 
 def _atomic(path: Path, write) -> Path:
+    from .checkpoint import atomic_write
+
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, write)
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:

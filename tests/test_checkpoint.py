@@ -94,3 +94,22 @@ def test_hash_tracks_content(tiny_cfg, tiny_model):
     changed = dict(sd)
     changed["head.head.bias"] = sd["head.head.bias"] + 1e-3
     assert state_dict_hash(changed) != h
+
+
+def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
+    from asd_deploy.checkpoint import atomic_write
+
+    def half_then_crash(tmp):
+        open(tmp, "wb").write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "w.pt", half_then_crash)
+    assert list(tmp_path.iterdir()) == []
+    p = atomic_write(tmp_path / "w.pt", lambda tmp: torch.save({"a": torch.ones(1)}, tmp))
+    assert (p.stat().st_mode & 0o777) == 0o666 & ~_umask() and list(tmp_path.iterdir()) == [p]
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
