@@ -162,6 +162,12 @@ def write_report(res: dict, out) -> None:
     for b in res["backends"]:
         for k, v in b.get("speedup_vs_self_forcing", {}).items():
             L.append(f"- {b['backend']}: {k}: {v:.2f}x faster (goal for 1-step: >= 2.4x)")
+    if res.get("vs_diffusers"):
+        L += ["", "## Our eager DiT against diffusers' WanTransformer3DModel (same config and weights, one chunk)", "",
+              "| row | median (ms) | min | max | speed vs diffusers |", "|---|---|---|---|---|"]
+        for k, v in res["vs_diffusers"]["rows"].items():
+            L.append(f"| {k} | {1e3 * v['median']:.2f} | {1e3 * v['min']:.2f} | {1e3 * v['max']:.2f} | "
+                     f"{v['speedup_vs_diffusers']:.2f}x |")
     if res.get("long"):
         lv = res["long"]
         L += ["", f"## Long video (rolling window, {lv['chunks']} chunks, eager 1-step)", "",
@@ -248,6 +254,10 @@ def main(argv=None):
             b["speedup_vs_self_forcing"] = {k: sf["video_dit_s"]["median"] / r["video_dit_s"]["median"]
                                             for k, r in rows.items() if k != "4-step"}
         res["backends"].append(b)
+    if args.config != "default":
+        from benchmarks.eager_vs_diffusers import bench_config
+        print("[latency] eager vs diffusers ...", flush=True)
+        res["vs_diffusers"] = bench_config(cfg.name, max(3, args.repeats))
     res["not_run"] = {g: "not run: no GPU" for g in GPU_ONLY} if not torch.cuda.is_available() else {}
     res["long"] = long_video(loaded, vae, context, args.long_chunks) if args.long_chunks else None
     wan = ModelConfig.preset("wan2.1-1.3b")

@@ -48,6 +48,13 @@ def test_gpu_rows_never_carry_numbers(report):
     assert "NOT a measurement" in md
 
 
+def test_diffusers_side_by_side(report):
+    out, res = report
+    rows = res["vs_diffusers"]["rows"]
+    assert rows["diffusers"]["speedup_vs_diffusers"] == 1.0 and rows["ours_forward_train"]["median"] > 0
+    assert "against diffusers' WanTransformer3DModel" in (out / "latency.md").read_text()
+
+
 def test_long_video_section(report):
     _, res = report
     lv = res["long"]
