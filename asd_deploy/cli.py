@@ -57,7 +57,7 @@ def _generate(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .pipeline import Pipeline
+    from .schedule import Schedule
     from .video import check_writable, contact_sheet, write_mp4
 
     out = Path(args.out)
@@ -69,10 +69,7 @@ def _generate(args) -> int:
     if args.config and not args.checkpoint:
         if args.model != "default":
             raise ValueError("--config applies to --checkpoint; a model folder carries its own config")
-        args.checkpoint = "random" if args.config != "tiny" else None
-    from .config import ModelConfig
-    from .schedule import Schedule
-
+        args.checkpoint = "random"  # a bare config: seeded random weights at that size
     Schedule(steps=args.steps, ffe=args.ffe, ffe_steps=args.ffe_steps)  # validate before loading anything
     pipe = _pipeline(args)
     if args.frames is not None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import attention_mask
 from .config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +268,6 @@ class CausalWanDiT(nn.Module):
 
         mask: bool [L, L] over tokens (True = may attend); default block-causal by chunk
         (`cache.attention_mask`)."""
-        from .cache import attention_mask
-
         self._check_latents(x, t)
         frames = x.shape[2]
         if frames % self.config.frames_per_chunk:

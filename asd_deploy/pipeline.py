@@ -87,6 +87,8 @@ class Stream:
         t0 = time.perf_counter()
         context = self.pipe.encode_prompt(self.prompt)
         self.stats.text_s = time.perf_counter() - t0
+        from .vae import to_uint8_frames
+
         decoder = None if self.latents_only else self.pipe.vae.stream_decoder(batch_size=1)
         chunks = generate(self.pipe.step, context, num_chunks=self.num_chunks, schedule=self.schedule,
                           seed=self.seed)
@@ -99,7 +101,6 @@ class Stream:
                 frames = np.zeros((0,), np.uint8)
                 n = self.pipe.config.frames_per_chunk
             else:
-                from .vae import to_uint8_frames
                 frames = to_uint8_frames(decoder.decode_chunk(lat.float()))
                 n = frames.shape[0]
             tc = time.perf_counter()
