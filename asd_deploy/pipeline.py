@@ -200,6 +200,12 @@ def make_step(backend: str, loaded, engine: str | None = None):
     """A chunk step for `backend` serving the loaded DiT (engines are validated against it)."""
     if backend == "eager":
         return EagerStep(loaded.model)
-    from . import backends
-
+    if backend == "trt":
+        from .tensorrt_engine import check_trt_available
+        check_trt_available()  # names what is missing (package, GPU) before anything else
+    try:
+        from . import backends
+    except ImportError:
+        raise RuntimeError(f"backend {backend!r} is not available in this version: compiled engines "
+                           f"(export.build) have not landed yet; use --backend eager") from None
     return backends.make_backend(backend, loaded, engine=engine)

@@ -92,3 +92,11 @@ def test_cli_latents_and_errors(tmp_path):
         r = _cli("generate", "--frames", "9", "--out", str(tmp_path / "ok.mp4"), *args)
         assert r.returncode != 0 and needle in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_cli_gpu_backend_fails_cleanly_without_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU message; a GPU is present")
+    r = _cli("generate", "--backend", "trt", "--frames", "9", "--out", str(tmp_path / "x.mp4"))
+    assert r.returncode == 2 and "TensorRT backend unavailable" in r.stderr and "pip install .[gpu]" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "x.mp4").exists()
