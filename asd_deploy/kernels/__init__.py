@@ -1,0 +1,79 @@
+"""Fused Triton kernels for the causal DiT's memory-bound ops, and the one switch that picks them.
+
+Owns: the switch (`ASD_KERNELS` = `triton` | `reference` | `auto`, default `auto`; read at every
+call, so tests and scripts may change it at run time) and one dispatch function per kernel, each
+with its kernel's signature:
+
+    adaln(x [B, L, D], shift [B, F, D], scale [B, F, D], eps=1e-6) -> [B, L, D]
+    gated_residual(x [B, L, D], y [B, L, D], gate [B, F, D]) -> [B, L, D]
+    qk_norm_rope(x [B, L, D], weight [D], cos [L, Dh/2], sin [L, Dh/2], num_heads, eps=1e-6)
+        -> [B, L, H, Dh]
+    scheduler_update(x_t, v, eps, sigma, sigma_next) -> x_t's shape
+
+(L = F * HW tokens in frame-major order; per-frame tensors apply to every token of their frame.)
+Each kernel lives in its own file with its launcher `<name>_triton` and eager `<name>_reference`.
+Does not own: wiring into the model (the model calls these functions, or not).
+
+`auto` runs a kernel when the tensor is on CUDA and triton imports; `triton` always runs the
+kernel (on CPU tensors that needs `TRITON_INTERPRET=1`, and a device the kernel cannot run on is a
+RuntimeError saying so); `reference` never does. Importing this package does not import triton:
+a kernel imports it, and is jitted, at its first launch.
+
+The submodule names equal the dispatch functions' (`kernels.adaln` is the function); reach a
+kernel file's contents with `from asd_deploy.kernels.adaln import adaln_reference`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._launch import triton_importable
+from .adaln import adaln_reference, adaln_triton
+from .gated_residual import gated_residual_reference, gated_residual_triton
+from .qk_norm_rope import qk_norm_rope_reference, qk_norm_rope_triton
+from .scheduler_update import scheduler_update_reference, scheduler_update_triton
+
+ENV_VAR = "ASD_KERNELS"
+MODES = ("triton", "reference", "auto")
+
+__all__ = ["ENV_VAR", "MODES", "kernel_mode", "use_triton", "adaln", "gated_residual", "qk_norm_rope",
+           "scheduler_update"]
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def use_triton(device: torch.device | str) -> bool:
+    """Whether the dispatch functions run the Triton kernel for tensors on `device`."""
+    mode = kernel_mode()
+    if mode != "auto":
+        return mode == "triton"
+    return torch.device(device).type == "cuda" and triton_importable()
+
+
+def adaln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm(x) (no affine, fp32) * (1 + scale[b, frame]) + shift[b, frame]."""
+    return (adaln_triton if use_triton(x.device) else adaln_reference)(x, shift, scale, eps)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate[b, frame] * y (fp32 math, x's dtype)."""
+    return (gated_residual_triton if use_triton(x.device) else gated_residual_reference)(x, y, gate)
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 num_heads: int, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over all of D with `weight`, then RoPE on adjacent pairs per head -> [B, L, H, Dh]."""
+    fn = qk_norm_rope_triton if use_triton(x.device) else qk_norm_rope_reference
+    return fn(x, weight, cos, sin, num_heads, eps)
+
+
+def scheduler_update(x_t: torch.Tensor, v: torch.Tensor, eps: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """(1 - sigma_next) * (x_t - sigma * v) + sigma_next * eps (fp32 math, x_t's dtype)."""
+    fn = scheduler_update_triton if use_triton(x_t.device) else scheduler_update_reference
+    return fn(x_t, v, eps, sigma, sigma_next)
