@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .cache import attention_mask
 from .config import ModelConfig
 
@@ -137,8 +138,12 @@ class SelfAttention(nn.Module):
 
     def qkv(self, x, cos, sin):
         """x [B, L, dim] -> q, k (RoPE applied), v, each [B, L, H, D]."""
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
+        if kernels.use_triton(x.device) and isinstance(self.norm_q, RMSNorm):  # fused RMSNorm + RoPE
+            q = kernels.qk_norm_rope(self.q(x), self.norm_q.weight, cos, sin, self.num_heads, self.norm_q.eps)
+            k = kernels.qk_norm_rope(self.k(x), self.norm_k.weight, cos, sin, self.num_heads, self.norm_k.eps)
+        else:
+            q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
+            k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
         return q, k, self.v(x).unflatten(-1, (self.num_heads, -1))
 
 
@@ -177,15 +182,19 @@ class Block(nn.Module):
         own k, v [B, L, H, D] (what a cache stores)."""
         frames = e0.shape[1]
         shift, scale, g, c_shift, c_scale, c_g = (self.modulation[:, None].float() + e0.float()).unbind(2)
-        h = modulate(layer_norm(x, self.eps), shift, scale, frames).type_as(x)
+        fused = kernels.use_triton(x.device)  # Triton kernels (ASD_KERNELS), else plain torch
+        h = (kernels.adaln(x, shift, scale, self.eps) if fused
+             else modulate(layer_norm(x, self.eps), shift, scale, frames).type_as(x))
         q, k, v = self.self_attn.qkv(h, cos, sin)
         ks = k if prefix_k is None else torch.cat([prefix_k, k], dim=1)
         vs = v if prefix_v is None else torch.cat([prefix_v, v], dim=1)
         y = self.self_attn.o(attention(q, ks, vs, mask).flatten(-2))
-        x = gate(x.float(), y.float(), g, frames).type_as(x)
+        x = kernels.gated_residual(x, y, g) if fused else gate(x.float(), y.float(), g, frames).type_as(x)
         x = x + self.cross_attn(self.norm3(x), cross_k, cross_v)
-        y = self.ffn(modulate(layer_norm(x, self.eps), c_shift, c_scale, frames).type_as(x))
-        x = gate(x.float(), y.float(), c_g, frames).type_as(x)
+        h = (kernels.adaln(x, c_shift, c_scale, self.eps) if fused
+             else modulate(layer_norm(x, self.eps), c_shift, c_scale, frames).type_as(x))
+        y = self.ffn(h)
+        x = kernels.gated_residual(x, y, c_g) if fused else gate(x.float(), y.float(), c_g, frames).type_as(x)
         return x, k, v
 
 
