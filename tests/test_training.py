@@ -1,0 +1,392 @@
+"""Training: teacher forcing and rollout semantics, gradient flow of every loss, learning, resume.
+
+All at the `micro` preset (the tiny model at 32x32 pixels: 4 tokens per latent frame), fp32, CPU.
+"""
+import json
+
+import pytest
+import torch
+
+from asd_deploy.cache import KVCache
+from asd_deploy.checkpoint import load_checkpoint
+from asd_deploy.config import ConfigError, ModelConfig
+from asd_deploy.generator import EagerStep, generate
+from asd_deploy.model import build_model
+from asd_deploy.schedule import Schedule
+from training import losses as L
+from training.config import TrainConfig, presets
+from training.rollout import (BatchNoise, StepRandom, TrainNet, rollout, teacher_forcing_inputs,
+                              teacher_forcing_mask)
+from training.train import LatentCache, Trainer, main
+
+from conftest import assert_close
+
+
+def micro(**overrides) -> TrainConfig:
+    return TrainConfig.load("micro", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return micro()
+
+
+@pytest.fixture(scope="module")
+def mcfg(cfg):
+    return cfg.model_config()
+
+
+def _latents(mcfg, batch, chunks, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, mcfg.in_channels, chunks * mcfg.frames_per_chunk, mcfg.latent_height,
+                       mcfg.latent_width, generator=g)
+
+
+def _ctx(mcfg, batch, seed=0):
+    return torch.randn(batch, mcfg.text_len, mcfg.text_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _nets(cfg, alpha=None):
+    """Generator and critic start from the teacher's weights, as in distillation."""
+    mcfg = cfg.model_config()
+    init = build_model(mcfg, seed=3).state_dict()
+
+    def net(trainable):
+        m = build_model(mcfg, seed=0)
+        m.load_state_dict(init)
+        return TrainNet(m).train(trainable).requires_grad_(trainable)
+
+    disc = L.DiscHead(mcfg.dim, cfg.distill.disc_hidden, cfg.distill.asd_max_steps, seed=1)
+    return L.DistillNets(net(True), net(True), net(False), disc, cfg.disc_layer())
+
+
+def _grads(module):
+    return {k: p.grad for k, p in module.named_parameters()}
+
+
+def _assert_no_grads(module, what):
+    got = [k for k, g in _grads(module).items() if g is not None]
+    assert not got, f"{what} must get no gradients; got some on {got[:5]}"
+
+
+def _assert_all_grads(module, what):
+    missing = [k for k, g in _grads(module).items() if g is None or not g.abs().sum() > 0]
+    assert not missing, f"{what}: parameters without a non-zero gradient: {missing[:8]}"
+
+
+# ---- semantics ---------------------------------------------------------------------------------
+
+
+def test_explicit_positions_path_equals_forward_train(mcfg):
+    net = TrainNet(build_model(mcfg, seed=1))
+    x, t, ctx = _latents(mcfg, 2, 2, 0), torch.rand(2, 6) * 1000, _ctx(mcfg, 2)
+    from asd_deploy.cache import attention_mask
+    ref = net.model.forward_train(x, t, ctx)
+    got = net(x, t, ctx, attention_mask(mcfg, 6), torch.arange(6))
+    assert torch.equal(got, ref)
+
+
+def test_teacher_forcing_equals_denoising_against_a_clean_cache():
+    """Noisy chunk c in the [clean, noisy] sequence gets exactly the flow that inference computes
+    for it against a cache of the clean chunks' keys, over 5 chunks: past tiny's 3-chunk window,
+    so the sink / eviction semantics are checked too."""
+    mcfg = ModelConfig.preset("tiny", height=32, width=32)
+    net = TrainNet(build_model(mcfg, seed=2))
+    n, fpc = 5, mcfg.frames_per_chunk
+    clean, noisy = _latents(mcfg, 2, n, 1), _latents(mcfg, 2, n, 2)
+    t_frames = (torch.rand(2, n) * 1000).repeat_interleave(fpc, 1)
+    ctx = _ctx(mcfg, 2)
+    with torch.no_grad():
+        seq, t, pos = teacher_forcing_inputs(clean, noisy, t_frames)
+        tf = net(seq, t, ctx, teacher_forcing_mask(mcfg, n), pos)[:, :, n * fpc:]
+        ck, cv = net.cross_kv(ctx)
+        cache = KVCache(mcfg, 2)
+        for c in range(n):
+            sl = slice(c * fpc, (c + 1) * fpc)
+            flow, _, _ = net.step(noisy[:, :, sl], t_frames[:, sl], ck, cv, cache.k, cache.v, cache.frame_index,
+                                  cache.cache_len)
+            assert_close(tf[:, :, sl], flow, 1e-5, f"chunk {c}")
+            _, k, v = net.step(clean[:, :, sl], torch.zeros(2, fpc), ck, cv, cache.k, cache.v, cache.frame_index,
+                               cache.cache_len)
+            cache.append(k, v)
+
+
+def test_one_step_rollout_is_the_inference_loop(mcfg):
+    """The student's training rollout generates what `asd_deploy.generator.generate` does."""
+    net = TrainNet(build_model(mcfg, seed=4))
+    ctx = _ctx(mcfg, 1)
+    with torch.no_grad():
+        got = rollout(net, ctx, 3, 1, BatchNoise(seed=7))
+    ref = torch.cat(list(generate(EagerStep(net.model), ctx, num_chunks=3, schedule=Schedule(steps=1), seed=7)), 2)
+    assert_close(got, ref, 1e-5, "1-step rollout vs generate")
+
+
+def test_rollout_noise_is_rank_independent(mcfg):
+    """Rank r of a 2-way split draws rows [r] of the 2-sample draw: sample noise never depends on the split."""
+    full = BatchNoise(5).randn(2, 3)
+    assert torch.equal(torch.cat([BatchNoise(5, r, 2).randn(1, 3) for r in range(2)]), full)
+    assert BatchNoise(5, 0, 2).randint(0, 9) == BatchNoise(5, 1, 2).randint(0, 9)
+
+
+# ---- loss pieces ---------------------------------------------------------------------------------
+
+
+def test_dmd_loss_gradient_is_the_normalized_score_difference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 2, 2, generator=g).requires_grad_()
+    fake, real = torch.randn(2, 4, 3, 2, 2, generator=g), torch.randn(2, 4, 3, 2, 2, generator=g)
+    loss, _ = L.dmd_loss(x, fake, real)
+    loss.backward()
+    want = (fake - real) / (x.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True) / x.numel()
+    assert_close(x.grad, want, 1e-7, "dDMD/dx")
+
+
+def test_rpgan_signs():
+    """D wants real (n+1 steps) above fake (n steps); G wants its fake logit up."""
+    d_fake = torch.zeros(3, requires_grad=True)
+    d_real = torch.zeros(3, requires_grad=True)
+    L.rpgan_d_loss(d_fake, d_real).backward()
+    assert (d_fake.grad > 0).all() and (d_real.grad < 0).all()  # descent lowers D(fake), raises D(real)
+    d_fake.grad = None
+    L.rpgan_g_loss(d_fake, d_real.detach()).backward()
+    assert (d_fake.grad < 0).all()  # descent raises D(fake)
+    assert float(L.rpgan_d_loss(torch.tensor([-5.0]), torch.tensor([5.0]))) < 1e-4
+
+
+def test_critic_timesteps_are_shifted_and_clamped(cfg):
+    d = cfg.distill
+    s = L.sample_sigmas(BatchNoise(0), 20000, shift=d.timestep_shift, min_t=d.min_timestep, max_t=d.max_timestep)
+    assert s.min() == 0.02 and s.max() == 0.98
+    assert 0.75 < float(s.median()) < 0.9  # shift 5 moves the median of U(0, 1) to 5/6
+
+
+# ---- gradient flow ---------------------------------------------------------------------------------
+
+
+def test_generator_loss_reaches_only_the_generator(cfg):
+    nets = _nets(cfg)
+    loss, logs = L.generator_loss(nets, _ctx(cfg.model_config(), 2), cfg.distill, 3, StepRandom(0, 0))
+    loss.backward()
+    assert "loss_asd" in logs and "loss_dmd" in logs
+    _assert_all_grads(nets.generator, "generator")
+    _assert_no_grads(nets.critic, "critic")
+    _assert_no_grads(nets.teacher, "frozen teacher")
+    _assert_no_grads(nets.disc, "discriminator")
+
+
+def test_asd_surrogate_gradient_equals_backprop_through_the_critic(cfg):
+    """<x_n, dL_G/dx_n> gives the generator exactly the gradient of L_G backpropagated through
+    critic and D (which that direct path would also, wrongly, accumulate into them)."""
+    from training.losses import add_noise, asd_pair, rpgan_g_loss, _score_timesteps
+    ctx, d = _ctx(cfg.model_config(), 2), cfg.distill
+
+    def direct(nets):
+        noise = StepRandom(0, 0).stream("x")
+        n, x_n, x_n1 = asd_pair(nets.generator, ctx, 3, d, noise, grad=True)
+        sigma, eps, t = _score_timesteps(noise, x_n, d)
+        h_f = nets.critic.features(add_noise(x_n, eps, sigma), t, ctx, nets.disc_layer)
+        h_r = nets.critic.features(add_noise(x_n1, eps, sigma), t, ctx, nets.disc_layer).detach()
+        return rpgan_g_loss(nets.disc(h_f, n), nets.disc(h_r, n))
+
+    def surrogate(nets):
+        noise = StepRandom(0, 0).stream("x")
+        n, x_n, x_n1 = asd_pair(nets.generator, ctx, 3, d, noise, grad=True)
+        sigma, eps, t = _score_timesteps(noise, x_n, d)
+        leaf = x_n.detach().requires_grad_()
+        h_f = nets.critic.features(add_noise(leaf, eps, sigma), t, ctx, nets.disc_layer)
+        with torch.no_grad():
+            h_r = nets.critic.features(add_noise(x_n1, eps, sigma), t, ctx, nets.disc_layer)
+        (g,) = torch.autograd.grad(rpgan_g_loss(nets.disc(h_f, n), nets.disc(h_r, n)), leaf)
+        return (x_n * g).sum()
+
+    a, b = _nets(cfg), _nets(cfg)
+    direct(a).backward()
+    surrogate(b).backward()
+    for (k, p), q in zip(a.generator.named_parameters(), b.generator.parameters()):
+        assert_close(q.grad, p.grad, 1e-6 * max(1.0, float(p.grad.abs().max())), f"grad of {k}")
+    _assert_no_grads(b.critic, "critic (surrogate path)")
+
+
+def test_asd_term_changes_the_generator_gradient(cfg):
+    ctx = _ctx(cfg.model_config(), 2)
+    grads = []
+    for alpha in (0.0, 10.0):
+        nets = _nets(cfg)
+        d = micro(distill={**cfg.to_dict()["distill"], "alpha": alpha}).distill
+        L.generator_loss(nets, ctx, d, 3, StepRandom(0, 0))[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in nets.generator.parameters()]))
+    assert (grads[1] - grads[0]).abs().max() > 1e-6 * grads[0].abs().max()
+
+
+def test_critic_flow_loss_reaches_only_the_critic_and_disc_loss_only_the_head(cfg):
+    ctx = _ctx(cfg.model_config(), 2)
+    nets = _nets(cfg)
+    flow, disc, logs = L.critic_losses(nets, ctx, cfg.distill, 3, StepRandom(0, 1))
+    flow.backward(retain_graph=True)
+    _assert_all_grads(nets.critic, "critic (flow loss)")
+    for m, what in ((nets.generator, "generator"), (nets.teacher, "teacher"), (nets.disc, "discriminator")):
+        _assert_no_grads(m, f"{what} (critic flow loss)")
+    nets.critic.zero_grad(set_to_none=True)
+    disc.backward()
+    _assert_all_grads(nets.disc, "discriminator head")
+    for m, what in ((nets.critic, "critic backbone"), (nets.generator, "generator"), (nets.teacher, "teacher")):
+        _assert_no_grads(m, f"{what} (discriminator loss)")
+    assert logs["r1"] > 0 and logs["r2"] > 0
+
+
+def test_dmd_only_ablation_skips_asd(cfg):
+    nets = _nets(cfg)
+    d = micro(distill={**cfg.to_dict()["distill"], "alpha": 0.0}).distill
+    ctx = _ctx(cfg.model_config(), 2)
+    flow, disc, _ = L.critic_losses(nets, ctx, d, 3, StepRandom(0, 0))
+    loss, logs = L.generator_loss(nets, ctx, d, 3, StepRandom(0, 0))
+    assert disc is None and "loss_asd" not in logs
+    loss.backward()
+    _assert_all_grads(nets.generator, "generator (DMD only)")
+    _assert_no_grads(nets.disc, "discriminator (DMD only)")
+
+
+def test_teacher_loss_reaches_all_teacher_weights(cfg, mcfg):
+    net = TrainNet(build_model(mcfg, seed=0)).train()
+    loss, _ = L.teacher_loss(net, _latents(mcfg, 2, 3, 0), _ctx(mcfg, 2), cfg.teacher, StepRandom(0, 0))
+    loss.backward()
+    _assert_all_grads(net, "teacher (training)")
+
+
+# ---- learning ----------------------------------------------------------------------------------------
+
+
+def test_critic_flow_loss_decreases_on_fixed_data(cfg, mcfg):
+    nets = _nets(cfg)
+    with torch.no_grad():
+        x = rollout(nets.generator, _ctx(mcfg, 2), 3, 2, BatchNoise(0))
+    noise = BatchNoise(1)
+    sigma, eps, t = L._score_timesteps(noise, x, cfg.distill)
+    x_t, ctx = L.add_noise(x, eps, sigma), _ctx(mcfg, 2)
+    opt = torch.optim.Adam(nets.critic.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = L.flow_matching_loss(nets.critic(x_t, t, ctx), x, eps)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], f"critic flow loss did not fall: {losses}"
+
+
+def test_teacher_loss_decreases_on_fixed_data(cfg, mcfg):
+    net = TrainNet(build_model(mcfg, seed=0)).train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    lat, ctx = _latents(mcfg, 2, 3, 0), _ctx(mcfg, 2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss, _ = L.teacher_loss(net, lat, ctx, cfg.teacher, StepRandom(0, 0))  # same noise every step
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], f"teacher loss did not fall: {losses}"
+
+
+# ---- trainer: checkpoints, resume, CLI ------------------------------------------------------------
+
+
+def _ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_checkpoint(a, b):
+    for key in ("generator", "critic", "generator_ema", "discriminator"):
+        assert (key in a) == (key in b), key
+        if key in a:
+            for k in a[key]:
+                assert torch.equal(a[key][k], b[key][k]), f"{key}/{k} differs"
+    assert a["step"] == b["step"]
+
+
+def _log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_resume_continues_identically(tmp_path, stage):
+    """4 steps straight vs 2 steps, then `--resume` to 4: same parameters, optimizer effects, EMA,
+    discriminator and losses (the generator trains at steps 0 and 2: critic_ratio 2)."""
+    args = ["--config", "micro", "--stage", stage, "--no-progress", "--set", 'distill.teacher="random"',
+            "--set", "teacher.ema_decay=0.9"]
+    main(args + ["--out", str(tmp_path / "a"), "--steps", "4"])
+    main(args + ["--out", str(tmp_path / "b"), "--steps", "2"])
+    main(args + ["--out", str(tmp_path / "b"), "--steps", "4", "--resume"])
+    a, b = tmp_path / "a" / stage, tmp_path / "b" / stage
+    _assert_same_checkpoint(_ckpt(a / "checkpoint.pt"), _ckpt(b / "checkpoint.pt"))
+    la, lb = _log(a / "log.jsonl"), _log(b / "log.jsonl")
+    assert [e["step"] for e in lb] == [0, 1, 2, 3]
+    for ea, eb in zip(la, lb):
+        assert {k: v for k, v in ea.items() if k != "time_s"} == {k: v for k, v in eb.items() if k != "time_s"}
+    assert sorted(p.name for p in b.glob("train_state_*.pt")) == ["train_state_00000004.pt"]
+
+
+def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_to_overwrite(tmp_path):
+    args = ["--config", "micro", "--stage", "teacher", "--no-progress", "--out", str(tmp_path), "--steps", "1"]
+    main(args)
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(args)
+    with pytest.raises(ValueError, match="teacher.optim.lr"):
+        main(args + ["--resume", "--set", "teacher.optim.lr=0.5"])
+
+
+def test_checkpoints_load_as_self_forcing_files(tmp_path, cfg):
+    """The distillation checkpoint is what export and the runtime read: generator_ema by default."""
+    cfg2 = micro(distill={**cfg.to_dict()["distill"], "teacher": "random"}, stage="distill")
+    tr = Trainer(cfg2, "distill", tmp_path, progress=False).setup()
+    tr.train(1)
+    path = tmp_path / "distill" / "checkpoint.pt"
+    raw = _ckpt(path)
+    assert all(k.startswith("model.") for k in raw["generator"]) and {"critic", "generator_ema"} <= set(raw)
+    mcfg = ModelConfig.from_dict(json.loads(raw["model_config"]))
+    for prefer, src in (("generator_ema", tr.ema.shadow), ("generator", dict(tr.generator.model.named_parameters()))):
+        model = load_checkpoint(path, mcfg, prefer=prefer)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, src[k].detach()), f"{prefer}/{k}"
+
+
+def test_presets_and_config_errors():
+    assert {"micro", "tiny", "tiny-dmd", "small", "small-dmd"} <= set(presets())
+    for name in presets():
+        TrainConfig.load(name)
+    assert TrainConfig.load("tiny-dmd").distill.alpha == 0
+    assert TrainConfig.load("micro", ["distill.alpha=0", "data.num_samples=3"]).data.num_samples == 3
+    with pytest.raises(ConfigError, match="valid keys here"):
+        TrainConfig.load("micro", ["distill.alfa=0"])
+    with pytest.raises(ConfigError, match="asd_max_steps"):
+        TrainConfig.load("micro", ["distill.asd_max_steps=4"])
+    with pytest.raises(ConfigError, match="valid presets"):
+        TrainConfig.load("no-such-preset")
+
+
+def test_random_latent_cache_batches(cfg):
+    from training.distributed import DistInfo
+    data = LatentCache.random(cfg)
+    assert data.latents.shape == (8, 16, 9, 4, 4) and data.context.shape == (8, 16, 384)
+    lat, ctx = data.batch(0, 4, 0, DistInfo())
+    halves = [data.batch(0, 4, 0, DistInfo(rank=r, world=2)) for r in range(2)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), lat) and torch.equal(torch.cat([h[1] for h in halves]), ctx)
+    seen = torch.cat([data.batch(s, 4, 0, DistInfo())[0] for s in range(2)])  # one epoch: every sample once
+    assert len({tuple(x.flatten()[:4].tolist()) for x in seen}) == 8
+
+
+def test_procedural_latent_cache(tmp_path):
+    """Procedural videos -> VAE latents + prompt embeddings on disk, built once (needs training.data)."""
+    pytest.importorskip("training.data", reason="training/data.py (procedural videos) is not in this tree yet")
+    from training.distributed import DistInfo
+    cfg = micro(data={"source": "procedural", "num_samples": 3, "num_chunks": 1, "cache_dir": str(tmp_path / "c")})
+    data = LatentCache.for_config(cfg, tmp_path, DistInfo(), progress=False)
+    m = cfg.model_config()
+    assert data.latents.shape == (3, m.in_channels, 3, m.latent_height, m.latent_width)
+    assert data.context.shape == (3, m.text_len, m.text_dim) and len(data.captions) == 3
+    assert torch.isfinite(data.latents).all() and data.context.abs().sum() > 0
+    again = LatentCache.load(tmp_path / "c", LatentCache.key(cfg))  # no rebuild
+    assert torch.equal(again.latents, data.latents)
+    other = micro(data={"source": "procedural", "num_samples": 4, "num_chunks": 1, "cache_dir": str(tmp_path / "c")})
+    with pytest.raises(ValueError, match="num_samples"):
+        LatentCache.load(tmp_path / "c", LatentCache.key(other))

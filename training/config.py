@@ -1,0 +1,225 @@
+"""Training configuration: one `TrainConfig` (data, teacher stage, distillation stage) and its presets.
+
+Owns: the dataclasses, their JSON form, the named presets (the files in `training/configs/`,
+named by stem: `--config tiny` reads `training/configs/tiny.json`) and `--set key=value`
+overrides. A config file lists only what differs from the defaults here. Does not own the model
+architecture: `model` names an `asd_deploy.config.ModelConfig` preset and `model_overrides`
+changes its fields (e.g. a smaller geometry for CI).
+
+Steps: `teacher.steps` and `distill.steps` are totals, so `--resume` runs up to them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from asd_deploy.config import ConfigError, ModelConfig
+from asd_deploy.schedule import MAX_STEPS
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+STAGES = ("teacher", "distill")
+# Fields that may change between a run and its resumption without changing what is computed.
+RESUMABLE_CHANGES = ("teacher.steps", "distill.steps", "save_every", "log_every", "name", "stage")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 10.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class DataConfig:
+    source: str = "random"      # "random": seeded random latents/contexts (tests); "procedural": LatentCache
+    num_samples: int = 64
+    num_chunks: int = 3         # latent chunks per training video (frames = num_chunks * frames_per_chunk)
+    seed: int = 0
+    cache_dir: str | None = None  # LatentCache folder; default <out>/latents
+    vae: str = "tiny"           # "tiny" (random-weight Wan-layout VAE) or a diffusers AutoencoderKLWan folder
+    text_encoder: str = "default"  # "default" (bundled MiniLM, 384-dim) or a umT5 folder
+    max_objects: int = 3        # procedural videos: shapes per video
+
+
+@dataclass
+class TeacherConfig:
+    """Flow matching with teacher forcing: noisy chunks attend to the clean keys of earlier chunks."""
+    steps: int = 1000
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    timestep_shift: float = 3.0   # training sigmas: shift(u), u ~ U(0, 1), one per chunk (diffusion forcing)
+    prompt_dropout: float = 0.1   # probability of the null (all-zero) context: enables CFG
+    ema_decay: float = 0.0        # 0: no EMA (the checkpoint then holds only `generator`)
+
+
+@dataclass
+class DistillConfig:
+    """DMD (Self-Forcing rollout) + alpha * ASD, from the teacher's weights."""
+    steps: int = 1000
+    teacher: str | None = None    # teacher checkpoint; None: <out>/teacher/checkpoint.pt; "random": seeded random
+    generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-6, betas=(0.0, 0.999)))
+    critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-7, betas=(0.0, 0.999)))
+    discriminator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=(0.0, 0.999)))
+    critic_ratio: int = 5         # critic updates per generator update (the generator trains when step % ratio == 0)
+    guidance_scale: float = 3.0   # CFG of the real score (teacher)
+    dmd_steps: tuple[int, ...] = (4,)  # step counts the DMD rollout draws from (Self-Forcing: 4)
+    timestep_shift: float = 5.0   # critic / DMD / ASD re-noising timesteps: shift(u), clamped below
+    min_timestep: float = 20.0
+    max_timestep: float = 980.0
+    alpha: float = 10.0           # weight of L_ASD; 0 = DMD only (the ablation; the ASD rollouts are skipped)
+    asd_max_steps: int = 3        # N: n ~ U{1..N}, compared with n + 1 <= 4 steps
+    disc_layer: int | None = None  # critic block whose pooled output feeds D; None: (layers - 1) // 2
+    disc_hidden: int = 256
+    r1_gamma: float = 1.0         # R1 on the "real" (n+1)-step features: gamma / 2 * E|grad D|^2
+    r2_gamma: float = 1.0         # R2 on the "fake" n-step features
+    ema_decay: float = 0.99
+
+
+@dataclass
+class TrainConfig:
+    name: str = "custom"
+    model: str = "tiny"
+    model_overrides: dict = field(default_factory=dict)
+    stage: str = "teacher"        # "teacher", "distill" or "all" (teacher then distill)
+    batch_size: int = 2           # global: split evenly over ranks
+    seed: int = 0
+    amp: str | None = None        # None (fp32) or "bf16" (autocast; GPU)
+    log_every: int = 1
+    save_every: int = 100
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def bad(msg):
+            raise ConfigError(f"training config {self.name!r}: {msg}")
+        if self.stage not in STAGES + ("all",):
+            bad(f"stage={self.stage!r}; valid: {list(STAGES) + ['all']}")
+        if self.batch_size < 1:
+            bad(f"batch_size={self.batch_size} must be >= 1")
+        if self.amp not in (None, "bf16"):
+            bad(f"amp={self.amp!r}; valid: null (fp32) or 'bf16'")
+        if self.data.source not in ("random", "procedural"):
+            bad(f"data.source={self.data.source!r}; valid: 'random', 'procedural'")
+        d = self.distill
+        if not 1 <= d.asd_max_steps <= MAX_STEPS - 1:
+            bad(f"distill.asd_max_steps={d.asd_max_steps}: n + 1 must be a valid step count, so N is in "
+                f"1..{MAX_STEPS - 1}")
+        if not d.dmd_steps or any(not 1 <= s <= MAX_STEPS for s in d.dmd_steps):
+            bad(f"distill.dmd_steps={list(d.dmd_steps)}: each in 1..{MAX_STEPS}")
+        if d.critic_ratio < 1:
+            bad(f"distill.critic_ratio={d.critic_ratio} must be >= 1")
+        if not 0 <= d.min_timestep < d.max_timestep <= 1000:
+            bad(f"distill timesteps [{d.min_timestep}, {d.max_timestep}] must satisfy 0 <= min < max <= 1000")
+        for what, decay in (("teacher", self.teacher.ema_decay), ("distill", d.ema_decay)):
+            if not 0 <= decay < 1:
+                bad(f"{what}.ema_decay={decay} must be in [0, 1)")
+        mcfg = self.model_config()
+        if d.disc_layer is not None and not 0 <= d.disc_layer < mcfg.num_layers:
+            bad(f"distill.disc_layer={d.disc_layer}; the model has {mcfg.num_layers} blocks")
+
+    # ---- derived ---------------------------------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.preset(self.model, **self.model_overrides)
+
+    def stages(self) -> tuple[str, ...]:
+        return STAGES if self.stage == "all" else (self.stage,)
+
+    def disc_layer(self) -> int:
+        return self.distill.disc_layer if self.distill.disc_layer is not None else \
+            (self.model_config().num_layers - 1) // 2
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists: the JSON form
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _build(cls, d, "")
+
+    @classmethod
+    def load(cls, name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+        """A preset name (training/configs/NAME.json) or a JSON file, then `key.sub=value` overrides."""
+        path = Path(name_or_path)
+        if not path.suffix and not path.exists():
+            path = CONFIG_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            raise ConfigError(f"no training config {name_or_path!r}: not a file, and not a preset; valid "
+                              f"presets: {presets()}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        d.setdefault("name", path.stem)
+        for item in overrides:
+            _apply_override(d, item)
+        return cls.from_dict(d)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def _build(cls, d: dict, where: str):
+    """Nested dataclass from a dict; unknown keys are errors that list the valid ones."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'} must be an object; got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown keys {[where + k for k in unknown]}; valid keys here: {sorted(fields)}")
+    kw = {}
+    for k, v in d.items():
+        sub = _NESTED.get((cls, k))
+        if sub is not None:
+            kw[k] = _build(sub, v, f"{where}{k}.")
+        elif isinstance(v, list) and k not in ("model_overrides",):
+            kw[k] = tuple(v)
+        else:
+            kw[k] = v
+    return cls(**kw)
+
+
+_NESTED = {(TrainConfig, "data"): DataConfig, (TrainConfig, "teacher"): TeacherConfig,
+           (TrainConfig, "distill"): DistillConfig, (TeacherConfig, "optim"): OptimConfig,
+           (DistillConfig, "generator"): OptimConfig, (DistillConfig, "critic"): OptimConfig,
+           (DistillConfig, "discriminator"): OptimConfig}
+
+
+def _apply_override(d: dict, item: str):
+    """`distill.alpha=0`, `model_overrides={"height": 32}`: the value is JSON (bare words are strings)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. distill.alpha=0)")
+    key, raw = item.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    *parents, last = key.strip().split(".")
+    node = d
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p!r} is not a section")
+    node[last] = value
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k != "model_overrides":
+            out += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out

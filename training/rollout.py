@@ -1,0 +1,225 @@
+"""What the networks compute during training: sequences, teacher forcing, the Self-Forcing rollout.
+
+Owns:
+  - `TrainNet`: a `CausalWanDiT` under training (Self-Forcing's wrapper, hence the `model.` key
+    prefix of the checkpoints) with explicit entry points: `forward` (whole sequence, optional
+    mask and frame positions), `step` (one chunk against a cache), `cross_kv`, `features`
+    (mean-pooled hidden states of one block: the discriminator's input). FSDP2 shards it as one
+    root unit (`distributed.shard`), each entry point registered as a forward method.
+  - teacher forcing: the [clean chunks, noisy chunks] sequence, its mask and RoPE positions;
+  - `rollout`: the student generating a video chunk by chunk with its own KV cache;
+  - `StepRandom` / `BatchNoise`: all randomness of a step, from (seed, step, stream).
+Does not own: losses (`losses.py`), optimisation and checkpoints (`train.py`).
+
+Randomness is rank-independent: every batch-shaped draw is made for the GLOBAL batch and each rank
+keeps its own rows, and every scalar draw (the exit step, n) is made identically on all ranks. So
+sample i gets the same noise whatever the number of processes, and nothing is broadcast.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from asd_deploy.cache import KVCache, attention_mask, chunk_visible
+from asd_deploy.model import CausalWanDiT, rope_tables
+from asd_deploy.schedule import denoising_timesteps, renoise
+
+# ---------------------------------------------------------------------------------------------
+# randomness
+# ---------------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (seed, step, stream name): independent streams, no state."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+class BatchNoise:
+    """One seeded CPU generator. `randn`/`rand` draw the global batch and keep rows
+    [rank * b, (rank + 1) * b); scalar draws (`randint`) are the same on every rank."""
+
+    def __init__(self, seed: int, rank: int = 0, world: int = 1, device="cpu"):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+
+    def _rows(self, full: torch.Tensor, batch: int) -> torch.Tensor:
+        return full[self.rank * batch:(self.rank + 1) * batch].to(self.device)
+
+    def randn(self, batch: int, *shape) -> torch.Tensor:
+        """[batch, *shape] standard normal: this rank's rows of a [world * batch, *shape] draw."""
+        return self._rows(torch.randn(self.world * batch, *shape, generator=self.gen), batch)
+
+    def rand(self, batch: int, *shape) -> torch.Tensor:
+        return self._rows(torch.rand(self.world * batch, *shape, generator=self.gen), batch)
+
+    def randint(self, low: int, high: int) -> int:
+        """Uniform in [low, high], identical on all ranks."""
+        return int(torch.randint(low, high + 1, (1,), generator=self.gen))
+
+    def seed(self) -> int:
+        return int(torch.randint(0, 2 ** 62, (1,), generator=self.gen))
+
+    def child(self, seed: int | None = None) -> "BatchNoise":
+        """An independent stream on the same ranks (seed drawn here unless given)."""
+        return BatchNoise(self.seed() if seed is None else seed, self.rank, self.world, self.device)
+
+
+class StepRandom:
+    """All randomness of training step `step`: `stream(name)` is an independent `BatchNoise`."""
+
+    def __init__(self, seed: int, step: int, rank: int = 0, world: int = 1, device="cpu"):
+        self.seed, self.step, self.rank, self.world, self.device = seed, step, rank, world, device
+
+    def stream(self, name: str) -> BatchNoise:
+        return BatchNoise(derive_seed(self.seed, self.step, name), self.rank, self.world, self.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the network under training
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainNet(nn.Module):
+    """A CausalWanDiT with the entry points training needs. State-dict keys: `model.<Wan key>`."""
+
+    def __init__(self, model: CausalWanDiT):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, x, t, context, mask=None, positions=None):
+        """Flow for a whole sequence: x [B, C, F, H, W], t [B, F], context [B, text_len, text_dim].
+
+        Without `positions` this is `model.forward_train` (block-causal window mask by default).
+        `positions` int64 [F] are the frames' RoPE time indices (teacher forcing places the noisy
+        copy at the clean copy's positions); `mask` bool [F*HW, F*HW] then must be given."""
+        if positions is None:
+            return self.model.forward_train(x, t, context, mask)
+        if mask is None:
+            raise ValueError("forward with explicit positions needs an explicit mask")
+        h, e = self._hidden(x, t, context, mask, positions)
+        return self.model.unpatchify(self.model.head(h, e), x.shape[2])
+
+    def _hidden(self, x, t, context, mask, positions, upto: int | None = None):
+        """`model.forward_train`'s body with explicit RoPE positions; stops after block `upto`.
+        Returns hidden states [B, F*HW, dim] and the head's time embedding e [B, F, dim]."""
+        m = self.model
+        m._check_latents(x, t)
+        if positions.shape != (x.shape[2],):
+            raise ValueError(f"positions must be [F] = [{x.shape[2]}]; got {list(positions.shape)}")
+        cross_k, cross_v = m.cross_kv(context)
+        e, e0 = m.time_embed(t)
+        cos, sin = rope_tables(m.config, positions)
+        h = m.patchify(x)
+        for i, blk in enumerate(m.blocks[:None if upto is None else upto + 1]):
+            h, _, _ = blk(h, e0, cos, sin, cross_k[i], cross_v[i], mask)
+        return h, e
+
+    def features(self, x, t, context, layer: int):
+        """Mean over tokens of block `layer`'s output, fp32 [B, dim]: what the discriminator reads.
+        Block-causal window mask, as the score networks see a generated video."""
+        frames = x.shape[2]
+        mask = attention_mask(self.config, frames, x.device) if frames > self.config.frames_per_chunk else None
+        positions = torch.arange(frames, device=x.device)
+        h, _ = self._hidden(x, t, context, mask, positions, upto=layer)
+        return h.float().mean(dim=1)
+
+    def step(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len):
+        """`model.forward_step`: one chunk against a static cache (see asd_deploy.model)."""
+        return self.model.forward_step(x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len)
+
+    def cross_kv(self, context):
+        return self.model.cross_kv(context)
+
+
+FORWARD_METHODS = ("step", "cross_kv", "features")  # entry points besides forward (FSDP2 hooks them)
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher forcing
+# ---------------------------------------------------------------------------------------------
+
+
+def teacher_forcing_mask(config, num_chunks: int, device=None) -> torch.Tensor:
+    """bool [2L, 2L] over the tokens of [clean chunks 0..n-1, noisy chunks 0..n-1] (L = n chunks).
+
+    clean i sees clean j as inference's cache does (window semantics, itself included); noisy i
+    sees the clean chunks before it in that window and itself, never another noisy chunk: what a
+    chunk sees when it is denoised against a cache of clean keys."""
+    n = num_chunks
+    vis = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            if chunk_visible(config, i, j):
+                vis[i, j] = True                      # clean -> clean
+                vis[n + i, j] = j < i                 # noisy -> earlier clean
+        vis[n + i, n + i] = True                      # noisy -> itself
+    rep = config.tokens_per_chunk
+    return vis.repeat_interleave(rep, 0).repeat_interleave(rep, 1).to(device)
+
+
+def teacher_forcing_inputs(x0, x_t, t_frames):
+    """x0, x_t [B, C, F, H, W], t_frames [B, F] -> sequence [B, C, 2F, H, W], timesteps [B, 2F]
+    (clean frames at t = 0, as the inference clean pass) and RoPE positions [2F] (both copies
+    at the frames' own positions)."""
+    frames = x0.shape[2]
+    seq = torch.cat([x0, x_t], dim=2)
+    t = torch.cat([torch.zeros_like(t_frames), t_frames], dim=1)
+    positions = torch.arange(frames, device=x0.device).repeat(2)
+    return seq, t, positions
+
+
+# ---------------------------------------------------------------------------------------------
+# the Self-Forcing rollout
+# ---------------------------------------------------------------------------------------------
+
+
+def rollout(net: TrainNet, context: torch.Tensor, num_chunks: int, steps: int, noise: BatchNoise,
+            exit_steps: list[int] | None = None, grad: bool = False) -> torch.Tensor:
+    """The student generates `num_chunks` chunks with its own KV cache -> x0 [B, C, n*Fc, H, W].
+
+    Each chunk starts from noise and runs the `steps`-step schedule of inference; chunk c stops
+    at step `exit_steps[c]` (default: the last) and outputs that step's x0 prediction (Self-
+    Forcing). With `grad`, that one step carries gradients (its input is detached); every other
+    step and the clean pass (t = 0, writing the chunk's keys/values) run without grad, as in
+    Self-Forcing, so the cache never needs gradients and a plain `KVCache` serves.
+
+    Noise order: the initial noise of all chunks first, then the re-noising draws, so two
+    rollouts from equal `BatchNoise` seeds start every chunk from the same noise whatever their
+    step counts (ASD's x_n and x_{n+1})."""
+    cfg = net.config
+    batch, fpc = context.shape[0], cfg.frames_per_chunk
+    sigmas = [t / 1000.0 for t in denoising_timesteps(steps)] + [0.0]
+    exits = [steps - 1] * num_chunks if exit_steps is None else list(exit_steps)
+    if len(exits) != num_chunks or any(not 0 <= e < steps for e in exits):
+        raise ValueError(f"exit_steps must be {num_chunks} indices in [0, {steps}); got {exits}")
+    init = noise.randn(batch, num_chunks, *cfg.chunk_shape()[1:])  # [B, n, C, Fc, H, W]
+    device = context.device
+    with torch.set_grad_enabled(grad):
+        cross_k, cross_v = net.cross_kv(context)
+    cache = KVCache(cfg, batch, dtype=torch.float32, device=device)
+    outputs = []
+    for c in range(num_chunks):
+        x = init[:, c]
+        for k in range(exits[c] + 1):
+            t = torch.full((batch, fpc), 1000.0 * sigmas[k], device=device)
+            with torch.set_grad_enabled(grad and k == exits[c]):
+                flow, _, _ = net.step(x, t, cross_k, cross_v, cache.k, cache.v, cache.frame_index,
+                                      cache.cache_len)
+                x0 = x - sigmas[k] * flow.float()
+            if k < exits[c]:
+                x = renoise(x0, noise.randn(batch, *x0.shape[1:]), sigmas[k + 1])
+        outputs.append(x0)
+        if c + 1 < num_chunks:
+            with torch.no_grad():
+                t0 = torch.zeros(batch, fpc, device=device)
+                _, k_new, v_new = net.step(x0.detach(), t0, cross_k, cross_v, cache.k, cache.v,
+                                           cache.frame_index, cache.cache_len)
+                cache.append(k_new, v_new)
+    return torch.cat(outputs, dim=2)
