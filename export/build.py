@@ -1,0 +1,276 @@
+"""`python -m export.build`: build an engine folder (artifacts + manifest.json) for one model.
+
+    python -m export.build --steps 1 [--ffe] [--config tiny|small|medium|wan2.1-1.3b]
+        [--checkpoint PATH|default|random] [--backend ort|aoti|trt] [--precision fp32|fp16|bf16]
+        [--opset 18|23] [--batch 1] [--out engines/] [--force] [--no-validate]
+
+Owns: the build stages and the manifest they write. Stages, each skipped when its artifact
+exists, is whole (size + sha256) and was made from the same inputs (a content key over config,
+weights hash, shapes, precision, opset, tool versions); `--force` rebuilds:
+  ort:  export (step.onnx, cross_kv.onnx) -> optimize (ORT offline: *.opt.onnx) -> validate
+  aoti: build (torch.export + AOTInductor: step.pt2, cross_kv.pt2) -> validate
+  trt:  not built here (fails naming what is missing)
+`validate` runs the engine once against the eager model and records the error in the manifest.
+Every artifact is written under a temporary name and renamed; the manifest is rewritten after
+each stage with complete=false and finally with complete=true, so an interrupted build never
+loads and a rerun resumes. Does not own export details (`onnx_export.py`, `aoti_export.py`) or
+loading (`asd_deploy/backends`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from asd_deploy.backends import open_engine
+from asd_deploy.backends.manifest import (FORMAT, MANIFEST_NAME, EngineError, artifact_matches, build_command,
+                                          engine_dir_name, file_record, host_info, stage_key, write_manifest)
+from asd_deploy.backends.signature import PRECISIONS, precision_dtype, signatures
+from asd_deploy.schedule import Schedule
+
+from .spec import export_specs, sample_context, sample_step_inputs
+
+DEFAULT_OPSET = {"ort": 18, "trt": 23, "aoti": None}
+# engine vs fp32 eager, max abs error relative to max(1, max |eager|)
+VALIDATE_TOL = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 1e-1}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_partial(folder: Path) -> dict:
+    """The previous manifest of this folder, finished or not (its artifact records let a rerun skip)."""
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _backend_version(backend: str) -> str:
+    if backend == "ort":
+        import onnxruntime
+        return onnxruntime.__version__
+    return torch.__version__
+
+
+def _tool_versions(backend: str) -> dict:
+    v = {"torch": torch.__version__}
+    if backend in ("ort", "trt"):
+        import onnx
+        import onnxruntime
+        import onnxscript
+        v.update(onnx=onnx.__version__, onnxscript=onnxscript.__version__, onnxruntime=onnxruntime.__version__)
+    return v
+
+
+def generate_command(engine: Path, backend: str, checkpoint: str, config_name: str, schedule: Schedule) -> str:
+    cmd = ["python", "-m", "asd_deploy", "generate", "--backend", backend, "--engine", str(engine),
+           "--steps", str(schedule.steps)]
+    cmd += ["--ffe", "--ffe-steps", str(schedule.ffe_steps)] if schedule.ffe else ["--no-ffe"]
+    if checkpoint != "default":
+        cmd += ["--checkpoint", checkpoint, "--config", config_name]
+    return shlex.join(cmd)
+
+
+def _check_request(backend: str, precision: str, opset: int | None, batch: int):
+    if backend not in ("ort", "aoti", "trt"):
+        raise ValueError(f"--backend must be one of ort, aoti, trt; got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}; got {precision!r}")
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1; got {batch}")
+    if backend == "trt":
+        from asd_deploy.backends.trt import require_trt
+        require_trt()
+    if backend == "ort":
+        from asd_deploy.backends.ort import check_ort_precision
+        check_ort_precision(precision)
+        from .onnx_export import MIN_OPSET
+        if opset < MIN_OPSET:
+            raise ValueError(f"--opset {opset} < {MIN_OPSET}: the dynamo exporter needs >= {MIN_OPSET} "
+                             f"(18, or 23 for the fused Attention op)")
+    if backend == "aoti" and opset is not None:
+        raise ValueError("--opset applies to ONNX backends (ort, trt), not aoti")
+
+
+def _validate(folder: Path, manifest: dict, model, batch: int) -> dict:
+    """The engine once against the fp32 eager model: step (cache 2/3 full) and cross_kv."""
+    engine = open_engine(folder, manifest)
+    cfg = model.config
+    ref_model = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+    dtype = engine.dtype
+    inputs = sample_step_inputs(cfg, batch, seed=1)
+    ctx = sample_context(cfg, batch, seed=1)
+    with torch.no_grad():
+        ref = ref_model.forward_step(*inputs) + ref_model.cross_kv(ctx)
+    got = tuple(o.clone() for o in engine(*(a.to(dtype) if a.is_floating_point() else a for a in inputs)))
+    got += tuple(engine.cross_kv(ctx))
+    names = ("flow", "k_new", "v_new", "cross_k", "cross_v")
+    res = {}
+    for n, a, r in zip(names, got, ref):
+        err = (a.float() - r).abs()
+        res[n] = {"max_abs_err": err.max().item(), "mean_abs_err": err.mean().item(),
+                  "ref_max_abs": r.abs().max().item()}
+    tol = VALIDATE_TOL[manifest["precision"]]
+    bad = {n: v for n, v in res.items() if not v["max_abs_err"] <= tol * max(1.0, v["ref_max_abs"])}
+    if bad:
+        raise EngineError(f"engine {folder} does not match the eager model at {manifest['precision']} (tolerance "
+                          f"{tol} x max(1, |ref|)): {bad}; its manifest stays incomplete so it will not load")
+    return {"tolerance_rel": tol, "outputs": res}
+
+
+def build(*, config: str | None = None, checkpoint: str = "default", backend: str = "ort",
+          precision: str = "fp32", steps: int = 1, ffe: bool = False, ffe_steps: int = 4, opset: int | None = None,
+          batch: int = 1, out="engines", force: bool = False, validate: bool = True, log=None) -> Path:
+    """Build (or bring up to date) one engine folder; returns its path."""
+    from asd_deploy.registry import load_dit
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    opset = DEFAULT_OPSET.get(backend) if opset is None else opset
+    schedule = Schedule(steps=steps, ffe=ffe, ffe_steps=ffe_steps)  # validates
+    _check_request(backend, precision, opset, batch)
+    t_start = time.perf_counter()
+    loaded = load_dit(checkpoint, config)
+    cfg = loaded.config
+    dtype = precision_dtype(precision)
+    model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
+    folder = Path(out) / engine_dir_name(cfg.name, steps, ffe, ffe_steps, backend, precision, opset, batch)
+    folder.mkdir(parents=True, exist_ok=True)
+    args = {"config": cfg.name, "checkpoint": checkpoint, "backend": backend, "precision": precision,
+            "opset": opset, "batch": batch, "steps": steps, "ffe": ffe, "ffe_steps": ffe_steps, "out": str(out)}
+    rebuild = build_command(**args, force=True)
+    log(f"engine {folder.name} -> {folder}")
+    log(f"  model {cfg.name} ({checkpoint}{'' if loaded.trained else ', RANDOM weights'}), weights "
+        f"{loaded.weights_hash[:12]}, {precision}, batch {batch}, {schedule.describe()}")
+
+    old = {} if force else _read_partial(folder)
+    old_artifacts = old.get("artifacts", {})
+    base = {"format": FORMAT, "backend": backend, "precision": precision, "batch": batch, "opset": opset,
+            "config": cfg.to_dict(), "weights_hash": loaded.weights_hash, "tools": _tool_versions(backend)}
+    manifest = {
+        "format": FORMAT, "complete": False, "name": folder.name, "backend": backend,
+        "backend_version": _backend_version(backend), "precision": precision, "dtype": str(dtype).removeprefix("torch."),
+        "opset": opset, "batch": batch, "device": "cpu",
+        "model": {"config": cfg.to_dict(), "config_name": cfg.name, "checkpoint": checkpoint,
+                  "weights_hash": loaded.weights_hash, "trained": loaded.trained},
+        "schedule": schedule.to_dict(), "shapes": {k: s.to_dict() for k, s in signatures(cfg, batch, dtype).items()},
+        "artifacts": {}, "runtime": {}, "torch_version": torch.__version__, "tool_versions": _tool_versions(backend),
+        "host": host_info(), "rebuild": rebuild,
+        "build": {"args": args, "started": _now(), "seconds": {}, "command": "python -m export.build " +
+                  shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("build.py") else None},
+    }
+    rebuilt = False
+    specs = {s.name: s for s in export_specs(model, batch, opset if backend != "aoti" else None)}
+
+    def stage(name: str, artifact: str, key: str, make):
+        nonlocal rebuilt
+        if not force and artifact_matches(folder, artifact, old_artifacts.get(artifact), key):
+            log(f"[{name}] {artifact}: up to date, skipped")
+            manifest["artifacts"][artifact] = old_artifacts[artifact]
+            for side in old_artifacts[artifact].get("data", []):
+                manifest["artifacts"][side] = old_artifacts[side]
+            return
+        log(f"[{name}] {artifact} ...")
+        t0 = time.perf_counter()
+        files = make(folder / artifact)
+        secs = time.perf_counter() - t0
+        rec = file_record(files[0], name, key)
+        if len(files) > 1:
+            rec["data"] = [f.name for f in files[1:]]
+            for f in files[1:]:
+                manifest["artifacts"][f.name] = file_record(f, name, key)
+        manifest["artifacts"][artifact] = rec
+        manifest["build"]["seconds"][artifact] = round(secs, 2)
+        write_manifest(folder, manifest)  # complete=false: records progress, never loads
+        rebuilt = True
+        log(f"[{name}] {artifact}: {secs:.1f} s, {rec['bytes'] / 1e6:.2f} MB")
+
+    if backend == "ort":
+        from .onnx_export import export_onnx, optimize_onnx
+        for g in ("step", "cross_kv"):
+            key = stage_key(stage="export", graph=g, **base)
+            stage("export", f"{g}.onnx", key, lambda p, g=g: export_onnx(specs[g], p, opset))
+        for g in ("step", "cross_kv"):
+            key = stage_key(stage="optimize", graph=g, src=manifest["artifacts"][f"{g}.onnx"]["sha256"], **base)
+            stage("optimize", f"{g}.opt.onnx", key, lambda p, g=g: optimize_onnx(folder / f"{g}.onnx", p))
+        manifest["runtime"] = {"step": "step.opt.onnx", "cross_kv": "cross_kv.opt.onnx"}
+        manifest["portable"] = {"step": "step.onnx", "cross_kv": "cross_kv.onnx"}
+        manifest["ort_optimization"] = "extended (CPU provider)"
+    elif backend == "aoti":
+        from .aoti_export import export_aoti
+        base["cpu_isa"] = manifest["host"]["cpu_isa"]
+        for g in ("step", "cross_kv"):
+            key = stage_key(stage="build", graph=g, **base)
+            stage("build", f"{g}.pt2", key, lambda p, g=g: export_aoti(specs[g], p))
+        manifest["runtime"] = {"step": "step.pt2", "cross_kv": "cross_kv.pt2"}
+
+    if not rebuilt and old.get("complete") and old.get("runtime") == manifest["runtime"]:
+        log("engine is up to date (use --force to rebuild)")
+        return folder
+    if validate:
+        log("[validate] engine vs eager (fp32) ...")
+        t0 = time.perf_counter()
+        manifest["validation"] = _validate(folder, manifest, loaded.model, batch)
+        worst = max(v["max_abs_err"] for v in manifest["validation"]["outputs"].values())
+        log(f"[validate] max abs error {worst:.2e} over flow, k_new, v_new, cross_k, cross_v "
+            f"({time.perf_counter() - t0:.1f} s)")
+    manifest["complete"] = True
+    manifest["build"]["finished"] = _now()
+    manifest["build"]["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+    write_manifest(folder, manifest)
+    log(f"done in {time.perf_counter() - t_start:.1f} s")
+    return folder
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1, help="denoising steps per chunk the engine is built for (1-4)")
+    ap.add_argument("--ffe", action=argparse.BooleanOptionalAction, default=False,
+                    help="First-Frame Enhancement: the first chunk uses --ffe-steps (recorded in the manifest)")
+    ap.add_argument("--ffe-steps", type=int, default=4)
+    ap.add_argument("--config", default=None, help="config preset: tiny, small, medium, wan2.1-1.3b "
+                                                     "(default: the default model's, or wan2.1-1.3b for a PATH)")
+    ap.add_argument("--checkpoint", default="default", help="'default' (embedded model), 'random' (seeded random "
+                                                            "weights at --config) or a checkpoint PATH")
+    ap.add_argument("--backend", default="ort", choices=("ort", "aoti", "trt"))
+    ap.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
+    ap.add_argument("--opset", type=int, default=None, help="ONNX opset (ort default 18; 23 = fused Attention)")
+    ap.add_argument("--batch", type=int, default=1, help="static batch size")
+    ap.add_argument("--out", default="engines", help="parent folder of engine folders")
+    ap.add_argument("--force", action="store_true", help="rebuild every stage")
+    ap.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the engine once against the eager model and record the error")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        folder = build(config=args.config, checkpoint=args.checkpoint, backend=args.backend,
+                       precision=args.precision, steps=args.steps, ffe=args.ffe, ffe_steps=args.ffe_steps,
+                       opset=args.opset, batch=args.batch, out=args.out, force=args.force, validate=args.validate)
+    except KeyboardInterrupt:
+        print("interrupted: no finished manifest was written, so the engine will not load; rerun the same "
+              "command to resume (finished stages are kept)", file=sys.stderr)
+        return 130
+    except (EngineError, ValueError, RuntimeError, NotImplementedError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = json.loads((folder / MANIFEST_NAME).read_text())
+    sched = Schedule(**{k: m["schedule"][k] for k in ("steps", "ffe", "ffe_steps", "shift")})
+    print(f"engine: {folder}")
+    print(f"generate with: {generate_command(folder, m['backend'], m['model']['checkpoint'], m['model']['config_name'], sched)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Engines against eager PyTorch, and the build's bookkeeping: manifests, staleness, corruption,
+interrupted builds. Engines are built once per module into a temp folder."""
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+from asd_deploy.backends import EngineError, load_engine, make_backend
+from asd_deploy.config import ModelConfig
+from asd_deploy.generator import EagerStep, generate
+from asd_deploy.registry import load_dit
+from asd_deploy.schedule import Schedule
+from export.build import build
+
+from conftest import assert_close, rand_context
+
+ENGINES = [("ort", 18), ("ort", 23), ("aoti", None)]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_dit("default")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines")
+    quiet = lambda msg: None  # noqa: E731
+    return {(b, o): build(backend=b, opset=o, out=out, log=quiet) for b, o in ENGINES}, out
+
+
+def _video(step, ctx, **kw):
+    return torch.cat(list(generate(step, ctx, **kw)), dim=2)
+
+
+@pytest.mark.parametrize("key", ENGINES + [("compile", None)], ids=lambda k: f"{k[0]}{k[1] or ''}")
+def test_backend_matches_eager(key, engines, loaded):
+    """Chunk step and whole videos (1-step, 2-step + FFE, 5 chunks through the rolling window)
+    against eager at fp32, max abs error <= 1e-4."""
+    name, _ = key
+    step = make_backend(name, loaded) if name == "compile" else make_backend(name, loaded, engine=engines[0][key])
+    eager = EagerStep(loaded.model)
+    cfg = loaded.config
+    ctx = rand_context(cfg)
+    ck, cv = eager.cross_kv(ctx)
+    ck2, cv2 = step.cross_kv(ctx)
+    assert_close(ck2, ck, 1e-4, f"{name} cross_k")
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(cfg.chunk_shape(), generator=g), torch.full((1, 3), 640.0), ck, cv,
+            torch.randn(cfg.cache_shape(), generator=g), torch.randn(cfg.cache_shape(), generator=g),
+            torch.tensor([6]), torch.tensor([2 * cfg.tokens_per_chunk]))
+    for a, b, what in zip(step(*args), eager(*args), ("flow", "k_new", "v_new")):
+        assert_close(a, b, 1e-4, f"{name} chunk step {what}")
+    for sched in (Schedule(steps=1), Schedule(steps=2, ffe=True)):
+        assert_close(_video(step, ctx, num_chunks=5, schedule=sched, seed=3),
+                     _video(eager, ctx, num_chunks=5, schedule=sched, seed=3), 1e-4, f"{name} {sched.describe()} video")
+
+
+def test_exported_graph_depends_on_cache_input(engines):
+    folder = engines[0][("ort", 18)]
+    m = onnx.load(str(folder / "step.onnx"))
+    inputs = [i.name for i in m.graph.input]
+    assert "cache_k" in inputs and "cache_v" in inputs and "frame_index" in inputs and "cache_len" in inputs
+    used = {n for node in m.graph.node for n in node.input}
+    assert {"cache_k", "cache_v", "cache_len", "frame_index"} <= used
+    assert not any(init.name.startswith("cache") for init in m.graph.initializer)  # never baked
+
+
+def test_manifest_records_what_a_deployer_needs(engines, loaded):
+    m = json.loads((engines[0][("ort", 23)] / "manifest.json").read_text())
+    assert m["complete"] and m["backend"] == "ort" and m["opset"] == 23 and m["precision"] == "fp32"
+    assert m["model"]["weights_hash"] == loaded.weights_hash and ModelConfig.from_dict(m["model"]["config"]) == loaded.config
+    assert m["torch_version"] == torch.__version__ and m["backend_version"] and m["host"]
+    assert m["schedule"]["steps"] == 1 and m["shapes"] and m["build"]["started"]
+    assert m["validation"]["outputs"]["flow"]["max_abs_err"] < 1e-4
+
+
+def test_rebuild_skips_stages_and_force_rebuilds(engines):
+    _, out = engines
+    logs = []
+    build(backend="ort", out=out, log=logs.append)
+    assert any("up to date, skipped" in l for l in logs) and any("engine is up to date" in l for l in logs)
+
+
+def test_stale_manifest_is_detected(engines, loaded, tmp_path):
+    from asd_deploy.model import build_model
+    folder = engines[0][("ort", 18)]
+    other = load_dit("random", "tiny")
+    other.model = build_model(loaded.config, seed=9)
+    from asd_deploy.checkpoint import state_dict_hash
+    other.weights_hash = state_dict_hash(other.model.state_dict())
+    with pytest.raises(EngineError, match="python -m export.build"):
+        make_backend("ort", other, engine=folder)
+    with pytest.raises(EngineError):
+        load_engine(folder, expect_config=ModelConfig.preset("small"))
+
+
+def _copy(folder, dest):
+    import shutil
+    return shutil.copytree(folder, dest)
+
+
+def test_corrupt_truncated_and_missing_files_are_detected(engines, loaded, tmp_path):
+    folder = engines[0][("ort", 18)]
+    bad = _copy(folder, tmp_path / "corrupt")
+    p = bad / "step.opt.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="python -m export.build"):
+        make_backend("ort", loaded, engine=bad)
+    trunc = _copy(folder, tmp_path / "trunc")
+    (trunc / "step.opt.onnx").write_bytes((folder / "step.opt.onnx").read_bytes()[:1000])
+    with pytest.raises(EngineError, match="python -m export.build"):
+        make_backend("ort", loaded, engine=trunc)
+    missing = _copy(folder, tmp_path / "missing")
+    (missing / "cross_kv.opt.onnx").unlink()
+    with pytest.raises(EngineError, match="python -m export.build"):
+        make_backend("ort", loaded, engine=missing)
+    with pytest.raises(EngineError, match="python -m export.build"):
+        make_backend("ort", loaded, engine=tmp_path / "nothing-here")
+
+
+def test_interrupted_build_never_loads(engines, loaded, tmp_path):
+    folder = engines[0][("ort", 18)]
+    half = _copy(folder, tmp_path / "half")
+    m = json.loads((half / "manifest.json").read_text())
+    m["complete"] = False                      # what a build killed between stages leaves
+    (half / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="python -m export.build"):
+        make_backend("ort", loaded, engine=half)
+
+
+def test_build_cli_end_to_end_on_default_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "export.build", "--steps", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    folder = tmp_path / "tiny-s1-ort-fp32-op18"
+    assert json.loads((folder / "manifest.json").read_text())["complete"]
+    assert "generate with: python -m asd_deploy generate --backend ort" in r.stdout + r.stderr
+    assert not list(tmp_path.rglob("*.tmp*"))
+    r = subprocess.run([sys.executable, "-m", "export.build", "--backend", "trt", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "TensorRT" in r.stderr and "Traceback" not in r.stderr
