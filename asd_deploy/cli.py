@@ -39,6 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out.mp4", help="output: .mp4 for video, .pt for latents [1, C, F, H, W]")
     g.add_argument("--sheet", default=None, help="also write a PNG contact sheet of the frames")
     g.add_argument("--backend", default="eager", choices=BACKENDS, help="DiT backend")
+    g.add_argument("--device", default="cpu", help="device of the DiT (cpu, cuda); VAE and text encoder stay on CPU")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="capture the chunk step in a CUDA graph once and replay it (GPU only; not run on CPU CI)")
     g.add_argument("--engine", default=None,
                    help="engine folder from `python -m export.build` (default: looked up under engines/)")
     g.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder overriding the model's")
@@ -72,6 +75,9 @@ def _generate(args) -> int:
         args.checkpoint = "random"  # a bare config: seeded random weights at that size
     Schedule(steps=args.steps, ffe=args.ffe, ffe_steps=args.ffe_steps)  # validate before loading anything
     pipe = _pipeline(args)
+    if args.cuda_graph:
+        from .graphs import GraphedStep
+        pipe.step = GraphedStep(pipe.step)  # raises naming the missing GPU on CPU machines
     if args.frames is not None:
         pipe.config.latent_frames_for(args.frames)
     if pipe.info.get("trained") is False:
@@ -113,9 +119,9 @@ def _pipeline(args):
 
     if args.checkpoint:  # a bare DiT checkpoint with the default VAE/text encoder of its config
         return Pipeline.from_checkpoint(args.checkpoint, args.config, backend=args.backend, engine=args.engine,
-                                        vae=args.vae, text_encoder=args.text_encoder)
+                                        vae=args.vae, text_encoder=args.text_encoder, device=args.device)
     return Pipeline.from_pretrained(args.model, backend=args.backend, engine=args.engine, vae=args.vae,
-                                    text_encoder=args.text_encoder)
+                                    text_encoder=args.text_encoder, device=args.device)
 
 
 def _encode_prompt(args) -> int:

@@ -101,7 +101,7 @@ class Stream:
                 frames = np.zeros((0,), np.uint8)
                 n = self.pipe.config.frames_per_chunk
             else:
-                frames = to_uint8_frames(decoder.decode_chunk(lat.float()))
+                frames = to_uint8_frames(decoder.decode_chunk(lat.float().to(self.pipe.vae.device)))
                 n = frames.shape[0]
             tc = time.perf_counter()
             self.stats.chunks.append(ChunkTiming(i, n, tb - ta, tc - tb, tc - t0))

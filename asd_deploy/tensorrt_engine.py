@@ -98,8 +98,7 @@ class TRTStep:
     buffers, the positions) is bound by address, so the cache is read in place, never copied.
     Outputs are reused by the next call: consume them first (as the loop does)."""
     name = "trt"
-    INPUTS = ("x", "t", "cross_k", "cross_v", "cache_k", "cache_v", "frame_index", "cache_len")
-    OUTPUTS = ("flow", "k_new", "v_new")
+    from .backends.signature import STEP_INPUTS as INPUTS, STEP_OUTPUTS as OUTPUTS  # the exported names
 
     def __init__(self, engine_path, config, cross_kv_fn, expect: dict | None = None):
         trt = check_trt_available()

@@ -9,7 +9,7 @@ exists, is whole (size + sha256) and was made from the same inputs (a content ke
 weights hash, shapes, precision, opset, tool versions); `--force` rebuilds:
   ort:  export (step.onnx, cross_kv.onnx) -> optimize (ORT offline: *.opt.onnx) -> validate
   aoti: build (torch.export + AOTInductor: step.pt2, cross_kv.pt2) -> validate
-  trt:  not built here (fails naming what is missing)
+  trt:  ONNX -> TensorRT engine (written from the docs, not run here: no GPU; fails naming what is missing)
 `validate` runs the engine once against the eager model and records the error in the manifest.
 Every artifact is written under a temporary name and renamed; the manifest is rewritten after
 each stage with complete=false and finally with complete=true, so an interrupted build never
@@ -58,6 +58,9 @@ def _backend_version(backend: str) -> str:
     if backend == "ort":
         import onnxruntime
         return onnxruntime.__version__
+    if backend == "trt":
+        import tensorrt
+        return tensorrt.__version__
     return torch.__version__
 
 
@@ -204,6 +207,21 @@ def build(*, config: str | None = None, checkpoint: str = "default", backend: st
         manifest["runtime"] = {"step": "step.opt.onnx", "cross_kv": "cross_kv.opt.onnx"}
         manifest["portable"] = {"step": "step.onnx", "cross_kv": "cross_kv.onnx"}
         manifest["ort_optimization"] = "extended (CPU provider)"
+    elif backend == "trt":  # NOT RUN HERE (no GPU / TensorRT): written from the TensorRT 10 docs
+        from asd_deploy.tensorrt_engine import build_trt_engine, engine_name, gpu_tag
+
+        from .onnx_export import export_onnx
+        for g in ("step", "cross_kv"):
+            key = stage_key(stage="export", graph=g, **base)
+            stage("export", f"{g}.onnx", key, lambda p, g=g: export_onnx(specs[g], p, opset))
+        gpu = gpu_tag()
+        shapes_key = f"{cfg.name}-b{batch}-k{cfg.max_cache_frames}"
+        eng = engine_name(manifest["backend_version"], gpu, shapes_key, precision)
+        key = stage_key(stage="build", gpu=gpu, src=manifest["artifacts"]["step.onnx"]["sha256"], **base)
+        stage("build", eng, key, lambda p: [build_trt_engine(folder / "step.onnx", p, precision,
+                                                             timing_cache=Path(out) / f"timing-{gpu}.cache")])
+        manifest.update(gpu=gpu, device="cuda", trt_version=manifest["backend_version"])
+        manifest["runtime"] = {"step": eng, "cross_kv": "cross_kv.onnx"}  # cross K/V: once per prompt, ORT
     elif backend == "aoti":
         from .aoti_export import export_aoti
         base["cpu_isa"] = manifest["host"]["cpu_isa"]

@@ -100,3 +100,5 @@ def test_cli_gpu_backend_fails_cleanly_without_gpu(tmp_path):
     r = _cli("generate", "--backend", "trt", "--frames", "9", "--out", str(tmp_path / "x.mp4"))
     assert r.returncode == 2 and "TensorRT backend unavailable" in r.stderr and "pip install .[gpu]" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x.mp4").exists()
+    r = _cli("generate", "--cuda-graph", "--frames", "9", "--out", str(tmp_path / "x.mp4"))
+    assert r.returncode == 2 and "CUDA graphs need a CUDA GPU" in r.stderr and not (tmp_path / "x.mp4").exists()

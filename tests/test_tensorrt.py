@@ -26,4 +26,18 @@ def test_engine_name_encodes_version_gpu_shapes_precision():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT and a CUDA GPU (neither here; not run in this project's CI)")
 def test_trt_engine_matches_eager(tmp_path):
-    pytest.fail("TensorRT engine-vs-eager parity: to be run on a GPU machine; no result exists yet")
+    """fp32 TensorRT engine (with its CUDA graph) against eager on the GPU, a 5-chunk video."""
+    from asd_deploy.backends import make_backend
+    from asd_deploy.generator import EagerStep, generate
+    from asd_deploy.graphs import GraphedStep
+    from asd_deploy.registry import load_dit
+    from export.build import build
+
+    loaded = load_dit("default", device="cuda")
+    folder = build(backend="trt", precision="fp32", out=tmp_path, log=lambda m: None)
+    trt_step = make_backend("trt", loaded, engine=folder)
+    ctx = torch.randn(1, loaded.config.text_len, loaded.config.text_dim, device="cuda")
+    ref = torch.cat(list(generate(EagerStep(loaded.model), ctx, num_chunks=5, seed=0)), 2)
+    for step in (trt_step, GraphedStep(trt_step)):
+        out = torch.cat(list(generate(step, ctx, num_chunks=5, seed=0)), 2)
+        assert (out - ref).abs().max().item() < 1e-3

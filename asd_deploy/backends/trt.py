@@ -1,28 +1,36 @@
-"""TensorRT backend: placeholder. Not built here.
+"""TensorRT backend: an engine folder from `export.build --backend trt` as a chunk step.
 
-The TensorRT engine build and runtime are written in `asd_deploy/tensorrt_engine.py` (from the
-TensorRT 10 docs, never run on this CPU machine); wiring them into `export.build --backend trt`
-and `make_backend("trt", ...)` is another engineer's issue. Until then every entry point here
-first names what this machine lacks (TensorRT, a CUDA GPU: `check_trt_available`) and then says
-plainly that the wiring does not exist yet. Nothing here pretends to work.
+NOT RUN HERE: this machine and CI have no GPU and no TensorRT. The step runs through
+`tensorrt_engine.TRTStep` (device buffers allocated once, cache bound in place,
+`execute_async_v3`); the per-prompt cross K/V graph runs once per prompt through ONNX Runtime
+and is moved to the GPU. Every entry point first names what is missing (`check_trt_available`).
 """
 from __future__ import annotations
 
-NOT_BUILT = ("TensorRT backend: not built here. The export.build stage that makes a TensorRT engine and its "
-             "chunk-step runtime are not wired into asd_deploy.backends yet (asd_deploy/tensorrt_engine.py holds "
-             "the untested build/runtime code). Use --backend ort or --backend aoti meanwhile.")
+from pathlib import Path
 
 
 def require_trt():
-    """Raise naming what is missing: TensorRT / a GPU (on machines without them), else the wiring."""
+    """Raise naming what is missing (the tensorrt package, a CUDA GPU) and what to install."""
     from ..tensorrt_engine import check_trt_available
 
-    try:
-        check_trt_available()
-    except RuntimeError as e:  # "TensorRT backend unavailable: <what is missing>; pip install .[gpu] ..."
-        raise RuntimeError(f"{e}. Note: {NOT_BUILT}") from None
-    raise NotImplementedError(NOT_BUILT)
+    check_trt_available()
 
 
 def load_trt_engine(engine_dir, manifest, config, **options):
+    import onnxruntime as ort
+    import torch
+
+    from ..tensorrt_engine import TRTStep
+
     require_trt()
+    engine_dir = Path(engine_dir)
+    sess = ort.InferenceSession(str(engine_dir / manifest["runtime"]["cross_kv"]), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def cross_kv(context):
+        k, v = sess.run(None, {name: context.detach().float().cpu().numpy()})
+        return torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda()
+
+    return TRTStep(engine_dir / manifest["runtime"]["step"], config, cross_kv,
+                   expect={"trt_version": manifest.get("trt_version"), "gpu": manifest.get("gpu")})
