@@ -272,25 +272,37 @@ class CausalWanDiT(nn.Module):
                              f"got {list(t.shape)}")
 
     # ---- entry point 1: whole sequence --------------------------------------------------------
-    def forward_train(self, x, t, context, mask=None):
+    def forward_train(self, x, t, context, mask=None, positions=None):
         """Whole sequence: x [B, C, F, H, W], t [B, F], context [B, text_len, text_dim] -> flow.
 
         mask: bool [L, L] over tokens (True = may attend); default block-causal by chunk
-        (`cache.attention_mask`)."""
-        self._check_latents(x, t)
+        (`cache.attention_mask`). positions: int64 [F] RoPE time index of each frame, default
+        0..F-1 (teacher forcing places a noisy copy at its clean copy's positions)."""
         frames = x.shape[2]
         if frames % self.config.frames_per_chunk:
             raise ValueError(f"forward_train needs whole chunks of {self.config.frames_per_chunk} "
                              f"latent frames; got F={frames}")
         if mask is None and frames > self.config.frames_per_chunk:  # one chunk: full attention, no mask
             mask = attention_mask(self.config, frames, device=x.device)
+        h, e = self.hidden_states(x, t, context, mask, positions)
+        return self.unpatchify(self.head(h, e), frames)
+
+    def hidden_states(self, x, t, context, mask, positions=None, upto: int | None = None):
+        """The blocks' output [B, F*HW, dim] (after block `upto`, default the last) and the
+        head's time embedding e [B, F, dim]; arguments as `forward_train`, mask as given."""
+        self._check_latents(x, t)
+        frames = x.shape[2]
+        if positions is None:
+            positions = torch.arange(frames, device=x.device)
+        elif positions.shape != (frames,):
+            raise ValueError(f"positions must be [F] = [{frames}]; got {list(positions.shape)}")
         cross_k, cross_v = self.cross_kv(context)
         e, e0 = self.time_embed(t)
-        cos, sin = rope_tables(self.config, torch.arange(frames, device=x.device))
+        cos, sin = rope_tables(self.config, positions)
         h = self.patchify(x)
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.blocks[:None if upto is None else upto + 1]):
             h, _, _ = blk(h, e0, cos, sin, cross_k[i], cross_v[i], mask)
-        return self.unpatchify(self.head(h, e), frames)
+        return h, e
 
     # ---- entry point 2: one chunk against the static cache ------------------------------------
     def forward_step(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from asd_deploy.cache import KVCache, attention_mask, chunk_visible
-from asd_deploy.model import CausalWanDiT, rope_tables
+from asd_deploy.model import CausalWanDiT
 from asd_deploy.schedule import denoising_timesteps, renoise
 
 # ---------------------------------------------------------------------------------------------
@@ -94,40 +94,19 @@ class TrainNet(nn.Module):
         return self.model.config
 
     def forward(self, x, t, context, mask=None, positions=None):
-        """Flow for a whole sequence: x [B, C, F, H, W], t [B, F], context [B, text_len, text_dim].
-
-        Without `positions` this is `model.forward_train` (block-causal window mask by default).
-        `positions` int64 [F] are the frames' RoPE time indices (teacher forcing places the noisy
-        copy at the clean copy's positions); `mask` bool [F*HW, F*HW] then must be given."""
-        if positions is None:
-            return self.model.forward_train(x, t, context, mask)
-        if mask is None:
+        """Flow for a whole sequence: `model.forward_train` (block-causal window mask by default).
+        With `positions` (the frames' RoPE time indices, int64 [F]; teacher forcing places the
+        noisy copy at the clean copy's positions) an explicit `mask` is required."""
+        if positions is not None and mask is None:
             raise ValueError("forward with explicit positions needs an explicit mask")
-        h, e = self._hidden(x, t, context, mask, positions)
-        return self.model.unpatchify(self.model.head(h, e), x.shape[2])
-
-    def _hidden(self, x, t, context, mask, positions, upto: int | None = None):
-        """`model.forward_train`'s body with explicit RoPE positions; stops after block `upto`.
-        Returns hidden states [B, F*HW, dim] and the head's time embedding e [B, F, dim]."""
-        m = self.model
-        m._check_latents(x, t)
-        if positions.shape != (x.shape[2],):
-            raise ValueError(f"positions must be [F] = [{x.shape[2]}]; got {list(positions.shape)}")
-        cross_k, cross_v = m.cross_kv(context)
-        e, e0 = m.time_embed(t)
-        cos, sin = rope_tables(m.config, positions)
-        h = m.patchify(x)
-        for i, blk in enumerate(m.blocks[:None if upto is None else upto + 1]):
-            h, _, _ = blk(h, e0, cos, sin, cross_k[i], cross_v[i], mask)
-        return h, e
+        return self.model.forward_train(x, t, context, mask, positions)
 
     def features(self, x, t, context, layer: int):
         """Mean over tokens of block `layer`'s output, fp32 [B, dim]: what the discriminator reads.
         Block-causal window mask, as the score networks see a generated video."""
         frames = x.shape[2]
         mask = attention_mask(self.config, frames, x.device) if frames > self.config.frames_per_chunk else None
-        positions = torch.arange(frames, device=x.device)
-        h, _ = self._hidden(x, t, context, mask, positions, upto=layer)
+        h, _ = self.model.hidden_states(x, t, context, mask, upto=layer)
         return h.float().mean(dim=1)
 
     def step(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len):
