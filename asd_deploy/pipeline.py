@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .generator import EagerStep, generate, num_chunks_for
+from .generator import generate, num_chunks_for
 from .schedule import Schedule
 
 DEFAULT_FPS = 16
@@ -196,16 +196,8 @@ class Pipeline:
         return video, s
 
 
-def make_step(backend: str, loaded, engine: str | None = None):
+def make_step(backend: str, loaded, engine: str | None = None, **options):
     """A chunk step for `backend` serving the loaded DiT (engines are validated against it)."""
-    if backend == "eager":
-        return EagerStep(loaded.model)
-    if backend == "trt":
-        from .tensorrt_engine import check_trt_available
-        check_trt_available()  # names what is missing (package, GPU) before anything else
-    try:
-        from . import backends
-    except ImportError:
-        raise RuntimeError(f"backend {backend!r} is not available in this version: compiled engines "
-                           f"(export.build) have not landed yet; use --backend eager") from None
-    return backends.make_backend(backend, loaded, engine=engine)
+    from .backends import make_backend
+
+    return make_backend(backend, loaded, engine=engine, **options)

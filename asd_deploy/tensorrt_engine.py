@@ -13,8 +13,6 @@ naming what is missing. `tensorrt` is imported only inside this module's functio
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -49,14 +47,9 @@ def engine_name(trt_version: str, gpu: str, shapes_key: str, precision: str) -> 
 
 
 def _atomic_bytes(path: Path, data: bytes):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def build_trt_engine(onnx_path, engine_path, precision: str = "fp16", timing_cache=None,

@@ -98,28 +98,14 @@ def summarize(runs, cfg: ModelConfig, text_s: float, schedule: Schedule, flops: 
             "pct_of_matmul_peak": 100 * gflops / peak}
 
 
-def _backend_and_engine(name: str, loaded):
-    """'ort18' / 'ort23' pick the ORT engine of that opset under engines/; other names as is."""
-    if name.startswith("ort") and name[3:].isdigit():
-        from asd_deploy.backends.manifest import find_engines
-
-        opset = int(name[3:])
-        for folder, m in find_engines():
-            if (m["backend"], m["opset"], m["precision"], m["model"]["weights_hash"]) == \
-                    ("ort", opset, "fp32", loaded.weights_hash):
-                return "ort", loaded, str(folder)
-        raise RuntimeError(f"no fp32 opset-{opset} ORT engine under engines/ for these weights; build it: "
-                           f"python -m export.build --config {loaded.config.name} --checkpoint "
-                           f"{loaded.checkpoint} --backend ort --opset {opset}")
-    return name, loaded, None
-
-
 def bench_backend(name, loaded, vae, context, args, flops, peak):
     from asd_deploy.pipeline import make_step
 
     t0 = time.perf_counter()
     try:
-        step = make_step(*_backend_and_engine(name, loaded))
+        # 'ort18' / 'ort23': the ORT engine of that opset under engines/
+        opset = int(name[3:]) if name.startswith("ort") and name[3:].isdigit() else None
+        step = make_step("ort" if opset else name, loaded, opset=opset)
         run_once(step, vae, context, 1, Schedule(steps=1))  # first call: compile / engine load / warm caches
     except Exception as e:  # an engine not built, a backend not installed: reported, not hidden
         return {"backend": name, "not_run": f"{type(e).__name__}: {str(e).splitlines()[0]}"}

@@ -69,8 +69,9 @@ def load_engine(path, expect_config: ModelConfig | None = None, expect_hash: str
 
 
 def find_engine(backend: str, config: ModelConfig, weights_hash: str, *, precision: str | None = None,
-                batch: int = 1, engines_dir=None, checkpoint: str = "default") -> Path:
-    """The newest finished engine folder for this model (fp32 preferred when precision is None)."""
+                batch: int = 1, engines_dir=None, checkpoint: str = "default", opset: int | None = None) -> Path:
+    """The newest finished engine folder for this model (fp32 preferred when precision is None;
+    any opset unless `opset` is given)."""
     root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
     seen = []
     matches = []
@@ -80,7 +81,8 @@ def find_engine(backend: str, config: ModelConfig, weights_hash: str, *, precisi
         why = ("config differs" if ModelConfig.from_dict(m["model"]["config"]) != config else
                "weights differ" if m["model"]["weights_hash"] != weights_hash else
                "batch differs" if m["batch"] != batch else
-               "precision differs" if precision is not None and m["precision"] != precision else None)
+               "precision differs" if precision is not None and m["precision"] != precision else
+               "opset differs" if opset is not None and m.get("opset") != opset else None)
         seen.append(f"{d.name} ({why})" if why else d.name)
         if why is None:
             matches.append((m["precision"] != "fp32", d))  # fp32 first, then newest (stable sort)
@@ -90,7 +92,9 @@ def find_engine(backend: str, config: ModelConfig, weights_hash: str, *, precisi
                         out=None if engines_dir is None else root)
     raise EngineError(f"no finished {backend!r} engine under {root}/ for config {config.name!r}, weights "
                       f"{weights_hash[:12]}..., batch {batch}" + (f", precision {precision}" if precision else "")
-                      + (f" (found: {', '.join(seen)})" if seen else "") + f"; build it: {cmd}")
+                      + (f", opset {opset}" if opset is not None else "")
+                      + (f" (found: {', '.join(seen)})" if seen else "") + f"; build it: {cmd}"
+                      + (f" --opset {opset}" if opset is not None else ""))
 
 
 def _model_of(source):
@@ -105,7 +109,7 @@ def _model_of(source):
 
 
 def make_backend(name: str, source, *, engine=None, precision: str | None = None, batch: int = 1,
-                 device=None, engines_dir=None, verify: str = "full", **options):
+                 device=None, engines_dir=None, verify: str = "full", opset: int | None = None, **options):
     """A chunk step named `name` serving `source`.
 
     source: a `LoadedDiT` (registry.load_dit), a `CausalWanDiT`, or an engine folder (str/Path,
@@ -143,7 +147,7 @@ def make_backend(name: str, source, *, engine=None, precision: str | None = None
         weights_hash, checkpoint = state_dict_hash(model.state_dict()), "PATH"
     if engine is None:
         engine = find_engine(name, model.config, weights_hash, precision=precision, batch=batch,
-                             engines_dir=engines_dir, checkpoint=checkpoint)
+                             engines_dir=engines_dir, checkpoint=checkpoint, opset=opset)
     return load_engine(engine, model.config, weights_hash, expect_backend=name, expect_batch=batch,
                        expect_precision=precision, expect_checkpoint=checkpoint, device=device or "cpu",
                        verify=verify, **options)

@@ -12,23 +12,18 @@ import threading
 
 import torch
 
+from ..generator import EagerStep
 
-class CompiledStep:
+
+class CompiledStep(EagerStep):
     """`forward_step` under `torch.compile(fullgraph=True)`, behind the chunk-step signature."""
     name = "compile"
 
     def __init__(self, model, mode: str | None = None):
-        self.model = model.eval()
-        self.config = model.config
-        p = next(model.parameters())
-        self.dtype, self.device = p.dtype, p.device
+        super().__init__(model)
         self._fn = torch.compile(model.forward_step, fullgraph=True, dynamic=False, mode=mode)
         self._lock = threading.Lock()  # the first call compiles; concurrent first calls wait for it
         self._warm = False
-
-    @torch.no_grad()
-    def cross_kv(self, context):
-        return self.model.cross_kv(context.to(self.device, self.dtype))
 
     @torch.no_grad()
     def __call__(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len):

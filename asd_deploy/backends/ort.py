@@ -106,11 +106,15 @@ class OrtStep:
         st = self._local
         if not hasattr(st, "binding"):
             st.binding = self._step.io_binding()
-            st.outputs = tuple(torch.empty(s.shape, dtype=s.torch_dtype, device=self.device)
-                               for s in self._sig["step"].outputs)
-            for s, buf in zip(self._sig["step"].outputs, st.outputs):
-                st.binding.bind_output(s.name, *self._bind_device, _NP[buf.dtype], s.shape, buf.data_ptr())
+            st.outputs = self._bind_outputs(st.binding, self._sig["step"].outputs)
         return st
+
+    def _bind_outputs(self, binding, specs) -> tuple:
+        """Allocate output buffers once and bind them by address."""
+        outs = tuple(torch.empty(s.shape, dtype=s.torch_dtype, device=self.device) for s in specs)
+        for s, buf in zip(specs, outs):
+            binding.bind_output(s.name, *self._bind_device, _NP[buf.dtype], s.shape, buf.data_ptr())
+        return outs
 
     def _bind_inputs(self, binding, specs, tensors):
         kept = [a.contiguous() for a in tensors]  # no copy for the (contiguous) cache buffers
@@ -124,9 +128,7 @@ class OrtStep:
         check_inputs(self._where + " (cross_kv)", sig.inputs, (context,), self.device)
         binding = self._cross.io_binding()
         kept = self._bind_inputs(binding, sig.inputs, (context,))
-        outs = tuple(torch.empty(s.shape, dtype=s.torch_dtype, device=self.device) for s in sig.outputs)
-        for s, buf in zip(sig.outputs, outs):
-            binding.bind_output(s.name, *self._bind_device, _NP[buf.dtype], s.shape, buf.data_ptr())
+        outs = self._bind_outputs(binding, sig.outputs)
         self._cross.run_with_iobinding(binding)
         del kept
         return outs
