@@ -1,4 +1,4 @@
-"""Command line: `python -m asd_deploy generate ...` and `python -m asd_deploy encode-prompt ...`.
+"""Command line: `python -m asd_deploy generate ...`, `... encode-prompt ...` and `... decode ...`.
 
 Owns: argument parsing, progress and summary printing, turning errors into one-line messages
 and a non-zero exit. Does not own any generation logic (`pipeline.py`).
@@ -53,6 +53,14 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="default", help="'default' or a model folder")
     e.add_argument("--prompt", required=True)
     e.add_argument("--out", required=True, help="output .npy")
+
+    d = sub.add_parser("decode", help="decode latents (.npy from asd_stream, or .pt from generate) to an mp4",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--latents", required=True, help="normalized latents [1, C, F, h, w] (.npy or .pt)")
+    d.add_argument("--model", default="default", help="'default' or a model folder (its VAE decodes)")
+    d.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder overriding the model's")
+    d.add_argument("--out", required=True, help="output .mp4")
+    d.add_argument("--sheet", default=None, help="also write a PNG contact sheet of the frames")
     return ap
 
 
@@ -141,10 +149,43 @@ def _encode_prompt(args) -> int:
     return 0
 
 
+def _decode(args) -> int:
+    import numpy as np
+    import torch
+
+    from .pipeline import Pipeline
+    from .vae import to_uint8_frames
+    from .video import check_writable, contact_sheet, write_mp4
+
+    out = check_writable(args.out)
+    if out.suffix != ".mp4":
+        raise ValueError(f"--out must end in .mp4; got {out.name!r}")
+    src = Path(args.latents)
+    if src.suffix == ".npy":
+        lat = torch.from_numpy(np.load(src, allow_pickle=False))
+    elif src.suffix == ".pt":
+        lat = torch.load(src, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"--latents must be a .npy (asd_stream) or .pt (generate --out x.pt) file; got {src.name!r}")
+    pipe = Pipeline.from_pretrained(args.model, vae=args.vae)
+    cfg = pipe.config
+    want = (cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    if not isinstance(lat, torch.Tensor) or lat.ndim != 5 or lat.shape[0] != 1 or \
+            (lat.shape[1], lat.shape[3], lat.shape[4]) != want:
+        raise ValueError(f"{src} holds {list(getattr(lat, 'shape', []))}; model {cfg.name!r} decodes latents "
+                         f"[1, {want[0]}, F, {want[1]}, {want[2]}]")
+    video = to_uint8_frames(pipe.vae.decode(lat.float().to(pipe.vae.device)))
+    write_mp4(video, out, fps=pipe.fps)
+    if args.sheet:
+        contact_sheet(video, args.sheet, every=max(1, len(video) // 16))
+    print(f"wrote {out}: {len(video)} frames {cfg.width}x{cfg.height} from latents {list(lat.shape)}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        return {"generate": _generate, "encode-prompt": _encode_prompt}[args.command](args)
+        return {"generate": _generate, "encode-prompt": _encode_prompt, "decode": _decode}[args.command](args)
     except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, RuntimeError, ImportError) as e:
         msg = str(e).strip().splitlines()
         print(f"error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)

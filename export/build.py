@@ -287,6 +287,8 @@ def main(argv=None) -> int:
     sched = Schedule(**{k: m["schedule"][k] for k in ("steps", "ffe", "ffe_steps", "shift")})
     print(f"engine: {folder}")
     print(f"generate with: {generate_command(folder, m['backend'], m['model']['checkpoint'], m['model']['config_name'], sched)}")
+    if m["backend"] == "aoti" and m.get("device", "cpu") == "cpu":
+        print(f"or natively (C++, see README): ./build/asd_stream --engine {folder} --prompt prompt.npy --out latents.npy")
     return 0
 
 

@@ -1,0 +1,418 @@
+// The native streaming runtime behind asd_runtime.h: engine validation, schedule, cache, loop.
+//
+// Owns: reading and checking an AOTInductor engine folder's manifest.json, the denoising schedule
+// (the same closed form as asd_deploy/schedule.py, checked against the timesteps the manifest
+// records), the static key/value cache with its ring over the non-sink slots (asd_deploy/cache.py),
+// the noise order of asd_deploy/generator.py (one torch CPU generator: the chunk's noise, then
+// one draw per re-noising), and the C ABI's error handling. Does not own the network: the two
+// .pt2 packages hold it, run through libtorch's AOTIModelPackageLoader.
+#include "asd_runtime.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/headeronly/version.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <sys/stat.h>
+#include <vector>
+
+#include "mini_json.h"
+#include "npy.h"
+
+namespace asd {
+
+namespace {
+
+struct Error : std::runtime_error {
+  asd_status code;
+  Error(asd_status c, const std::string& what) : std::runtime_error(what), code(c) {}
+};
+
+thread_local std::string last_error;
+
+int64_t file_size(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return -1;
+  return static_cast<int64_t>(st.st_size);
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+at::ScalarType scalar_type(const std::string& dtype) {
+  if (dtype == "float32") return at::kFloat;
+  if (dtype == "float16") return at::kHalf;
+  if (dtype == "bfloat16") return at::kBFloat16;
+  throw std::runtime_error("unsupported engine dtype \"" + dtype + "\"");
+}
+
+// asd_deploy/schedule.py: 1000 * shift_sigma(1 - i / steps), i < steps, in the same double arithmetic.
+std::vector<double> denoising_timesteps(int steps, double shift) {
+  std::vector<double> out;
+  const double n = 1000.0;
+  for (int i = 0; i < steps; ++i) {
+    double raw = n * (1 - static_cast<double>(i) / steps);
+    double sigma = raw / n;
+    out.push_back(n * (shift * sigma / (1 + (shift - 1) * sigma)));
+  }
+  return out;
+}
+
+bool cpu_supports(const std::string& isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#endif
+  return true;  // an ISA this check does not know: the package loader reports what it can
+}
+
+}  // namespace
+
+struct Runtime {
+  // engine
+  std::string dir, rebuild;
+  at::ScalarType dtype = at::kFloat;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> step, cross;
+  std::vector<int64_t> x_shape, t_shape, cache_shape, context_shape;
+  int64_t fpc = 0, tokens_per_chunk = 0, cache_chunks = 0, sink_chunks = 0;
+  // schedule
+  double shift = 5.0;
+  int steps = 1, ffe_steps = 4;
+  bool ffe = false;
+  // stream state
+  asd_options options{};
+  at::Generator gen;
+  at::Tensor cross_k, cross_v, cache_k, cache_v, pending;  // pending: last chunk, not yet cached
+  int64_t chunks_written = 0, chunks_done = 0;
+  bool has_prompt = false;
+
+  [[noreturn]] void engine_error(const std::string& what) const {
+    std::string fix = rebuild.empty() ? "python -m export.build --backend aoti --steps 1" : rebuild;
+    throw Error(ASD_ERR_ENGINE, "engine " + dir + ": " + what + "; rebuild it with: " + fix);
+  }
+
+  Runtime(const std::string& engine_dir, const asd_options& opts) : dir(engine_dir), options(opts) {
+    std::string mpath = dir + "/manifest.json";
+    if (file_size(mpath) < 0)
+      throw Error(ASD_ERR_ENGINE, "no engine at " + dir + " (" + mpath + " not found); build one with: "
+                  "python -m export.build --backend aoti --steps 1");
+    json::Value m;
+    try {
+      m = json::parse(read_text(mpath));
+    } catch (const std::exception& e) {
+      engine_error(std::string("manifest.json is not valid JSON (") + e.what() + ")");
+    }
+    try {
+      load(m);
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      engine_error(std::string("manifest.json lacks what the runtime needs (") + e.what() + ")");
+    }
+    if (opts.threads < 0) throw Error(ASD_ERR_ARGUMENT, "options.threads must be >= 0");
+    if (opts.threads > 0) at::set_num_threads(opts.threads);
+    if (opts.steps != 0) {
+      if (opts.steps < 1 || opts.steps > 4) throw Error(ASD_ERR_ARGUMENT, "options.steps must be 0 (manifest) or 1..4");
+      steps = opts.steps;
+    }
+    if (opts.ffe < -1 || opts.ffe > 1) throw Error(ASD_ERR_ARGUMENT, "options.ffe must be -1 (manifest), 0 or 1");
+    if (opts.ffe != -1) ffe = opts.ffe == 1;
+    gen = at::make_generator<at::CPUGeneratorImpl>(opts.seed);
+  }
+
+  void load(const json::Value& m) {
+    if (m.has("rebuild") && !m.at("rebuild").is_null()) rebuild = m.at("rebuild").str();
+    if (!m.has("complete") || !m.at("complete").flag()) engine_error("the build did not finish (manifest not complete)");
+    const std::string backend = m.at("backend").str();
+    if (backend != "aoti")
+      engine_error("it was built for backend \"" + backend + "\"; the C++ runtime runs AOTInductor engines "
+                   "(python -m export.build --backend aoti ...)");
+    const std::string device = m.has("device") ? m.at("device").str() : "cpu";
+    if (device != "cpu") engine_error("it was compiled for " + device + "; this runtime runs CPU engines");
+    const std::string built = m.at("torch_version").str();
+    const std::string here = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                             std::to_string(TORCH_VERSION_PATCH);
+    if (built.substr(0, built.find('+')) != here)
+      engine_error("AOTInductor packages run only on the torch that built them: built with torch " + built +
+                   ", this runtime links libtorch " + here);
+    const std::string isa = m.at("host").has("cpu_isa") ? m.at("host").at("cpu_isa").str() : "unknown";
+    if (!cpu_supports(isa)) engine_error("it was compiled for CPU ISA " + isa + ", which this CPU lacks");
+    if (m.at("batch").integer() != 1) engine_error("it was built for batch " + std::to_string(m.at("batch").integer()) + "; the runtime streams batch 1");
+    dtype = scalar_type(m.at("dtype").str());
+
+    const auto& cfg = m.at("model").at("config");
+    fpc = cfg.at("frames_per_chunk").integer();
+    const auto& s_in = m.at("shapes").at("step").at("inputs");
+    x_shape = s_in.at("x").at("shape").ints();
+    t_shape = s_in.at("t").at("shape").ints();
+    cache_shape = s_in.at("cache_k").at("shape").ints();
+    context_shape = m.at("shapes").at("cross_kv").at("inputs").at("context").at("shape").ints();
+    tokens_per_chunk = m.at("shapes").at("step").at("outputs").at("k_new").at("shape").ints().at(2);
+    if (x_shape.size() != 5 || cache_shape.size() != 5 || context_shape.size() != 3 || tokens_per_chunk <= 0 ||
+        cache_shape[2] % tokens_per_chunk != 0)
+      engine_error("its recorded shapes are inconsistent");
+    cache_chunks = cache_shape[2] / tokens_per_chunk;
+    sink_chunks = cfg.at("sink_frames").integer() / fpc;
+    if (cache_chunks != cfg.at("max_cache_frames").integer() / fpc || sink_chunks >= cache_chunks)
+      engine_error("its cache shape disagrees with its model config");
+
+    const auto& sched = m.at("schedule");
+    shift = sched.at("shift").num();
+    steps = static_cast<int>(sched.at("steps").integer());
+    ffe = sched.at("ffe").flag();
+    ffe_steps = static_cast<int>(sched.at("ffe_steps").integer());
+    for (const auto& kv : sched.at("timesteps").object) {  // the manifest's numbers must be ours
+      auto ours = denoising_timesteps(std::stoi(kv.first), shift);
+      const auto& theirs = kv.second.array;
+      bool same = ours.size() == theirs.size();
+      for (size_t i = 0; same && i < ours.size(); ++i) same = std::fabs(ours[i] - theirs[i].num()) < 1e-6;
+      if (!same) engine_error("its " + kv.first + "-step timesteps differ from this runtime's schedule");
+    }
+
+    const auto& rt = m.at("runtime");
+    const auto& arts = m.at("artifacts");
+    for (const char* role : {"step", "cross_kv"}) {
+      const std::string name = rt.at(role).str();
+      const std::string path = dir + "/" + name;
+      int64_t size = file_size(path);
+      if (size < 0) engine_error(name + " is missing");
+      if (!arts.has(name)) engine_error("the manifest has no record of " + name);
+      if (size != arts.at(name).at("bytes").integer())
+        engine_error(name + " is " + std::to_string(size) + " bytes, the manifest recorded " +
+                     std::to_string(arts.at(name).at("bytes").integer()) + " (truncated or replaced)");
+    }
+    try {
+      step = std::make_unique<torch::inductor::AOTIModelPackageLoader>(dir + "/" + rt.at("step").str(), "model");
+      cross = std::make_unique<torch::inductor::AOTIModelPackageLoader>(dir + "/" + rt.at("cross_kv").str(), "model");
+    } catch (const std::exception& e) {
+      std::string first = e.what();
+      engine_error("its AOTInductor packages could not be loaded (" + first.substr(0, first.find('\n')) + ")");
+    }
+  }
+
+  void set_prompt(const float* data, int64_t numel) {
+    const int64_t want = context_shape[1] * context_shape[2];
+    if (numel != want)
+      throw Error(ASD_ERR_ARGUMENT, "prompt embedding has " + std::to_string(numel) + " values; this engine wants [" +
+                  std::to_string(context_shape[1]) + ", " + std::to_string(context_shape[2]) +
+                  "] = " + std::to_string(want) + " (text_len, text_dim of its model config)");
+    c10::InferenceMode guard;
+    at::Tensor ctx = at::from_blob(const_cast<float*>(data), context_shape, at::kFloat).to(dtype).clone();
+    auto out = cross->run({ctx});
+    if (out.size() != 2) throw Error(ASD_ERR_RUNTIME, "cross_kv.pt2 returned " + std::to_string(out.size()) + " outputs, expected 2");
+    cross_k = out[0];
+    cross_v = out[1];
+    has_prompt = true;
+    restart(options.seed);
+  }
+
+  void restart(uint64_t seed) {
+    options.seed = seed;
+    gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    cache_k = at::zeros(cache_shape, at::TensorOptions().dtype(dtype));
+    cache_v = at::zeros(cache_shape, at::TensorOptions().dtype(dtype));
+    pending = at::Tensor();
+    chunks_written = chunks_done = 0;
+  }
+
+  int steps_for_chunk(int64_t chunk) const { return (ffe && chunk == 0) ? ffe_steps : steps; }
+
+  std::vector<at::Tensor> run_step(const at::Tensor& x, double timestep) {
+    at::Tensor t = at::full(t_shape, timestep, at::TensorOptions().dtype(dtype));
+    at::Tensor frame_index = at::full({1}, chunks_written * fpc, at::kLong);
+    at::Tensor cache_len = at::full({1}, std::min(chunks_written, cache_chunks) * tokens_per_chunk, at::kLong);
+    auto out = step->run({x.to(dtype).contiguous(), t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len});
+    if (out.size() != 3 || out[0].sizes() != x.sizes())
+      throw Error(ASD_ERR_RUNTIME, "step.pt2 returned outputs of unexpected count or shape");
+    return out;
+  }
+
+  // The clean pass: the finished chunk at timestep 0 writes its keys/values into the cache.
+  void cache_pending() {
+    auto out = run_step(pending, 0.0);
+    int64_t slot = chunks_written < cache_chunks
+                       ? chunks_written
+                       : sink_chunks + (chunks_written - sink_chunks) % (cache_chunks - sink_chunks);
+    at::Tensor idx = at::arange(slot * tokens_per_chunk, (slot + 1) * tokens_per_chunk, at::kLong);
+    cache_k.index_copy_(2, idx, out[1].to(dtype));
+    cache_v.index_copy_(2, idx, out[2].to(dtype));
+    ++chunks_written;
+    pending = at::Tensor();
+  }
+
+  at::Tensor next_chunk() {
+    if (!has_prompt) throw Error(ASD_ERR_STATE, "no prompt embedding set (call asd_set_prompt_embedding first)");
+    c10::InferenceMode guard;
+    if (pending.defined()) cache_pending();
+    at::Tensor x = at::randn(x_shape, gen, at::TensorOptions().dtype(at::kFloat));
+    std::vector<double> ts = denoising_timesteps(steps_for_chunk(chunks_done), shift);
+    at::Tensor x0;
+    for (size_t i = 0; i < ts.size(); ++i) {
+      double sigma = ts[i] / 1000.0;
+      at::Tensor flow = run_step(x, 1000.0 * sigma)[0].to(at::kFloat);
+      x0 = x - sigma * flow;
+      if (i + 1 < ts.size()) {
+        double next = ts[i + 1] / 1000.0;
+        at::Tensor eps = at::randn(x_shape, gen, at::TensorOptions().dtype(at::kFloat));
+        x = (1 - next) * x0 + next * eps;
+      }
+    }
+    pending = x0;
+    ++chunks_done;
+    return x0;
+  }
+};
+
+}  // namespace asd
+
+// ---------------------------------------------------------------------------------------------
+// C ABI: every entry point converts exceptions into a status and asd_last_error().
+// ---------------------------------------------------------------------------------------------
+
+struct asd_runtime {
+  std::unique_ptr<asd::Runtime> impl;
+};
+
+namespace {
+
+template <typename F>
+asd_status guarded(F&& f) {
+  asd::last_error.clear();
+  try {
+    f();
+    return ASD_OK;
+  } catch (const asd::Error& e) {
+    asd::last_error = e.what();
+    return e.code;
+  } catch (const std::exception& e) {
+    asd::last_error = std::string("runtime failure: ") + e.what();
+    return ASD_ERR_RUNTIME;
+  } catch (...) {
+    asd::last_error = "runtime failure: unknown exception";
+    return ASD_ERR_RUNTIME;
+  }
+}
+
+asd::Runtime& get(const asd_runtime* rt) {
+  if (rt == nullptr || !rt->impl) throw asd::Error(ASD_ERR_ARGUMENT, "null runtime handle");
+  return *rt->impl;
+}
+
+}  // namespace
+
+extern "C" {
+
+void asd_default_options(asd_options* o) {
+  if (o == nullptr) return;
+  o->seed = 0;
+  o->steps = 0;
+  o->ffe = -1;
+  o->threads = 0;
+}
+
+asd_status asd_create(const char* engine_dir, const asd_options* options, asd_runtime** out) {
+  if (out != nullptr) *out = nullptr;
+  return guarded([&] {
+    if (engine_dir == nullptr || out == nullptr) throw asd::Error(ASD_ERR_ARGUMENT, "engine_dir and out must not be null");
+    asd_options o;
+    asd_default_options(&o);
+    if (options != nullptr) o = *options;
+    auto rt = std::make_unique<asd_runtime>();
+    rt->impl = std::make_unique<asd::Runtime>(engine_dir, o);
+    *out = rt.release();
+  });
+}
+
+void asd_destroy(asd_runtime* rt) { delete rt; }
+
+asd_status asd_set_prompt_embedding(asd_runtime* rt, const float* data, int64_t numel) {
+  return guarded([&] {
+    auto& r = get(rt);
+    if (data == nullptr) throw asd::Error(ASD_ERR_ARGUMENT, "prompt embedding pointer is null");
+    r.set_prompt(data, numel);
+  });
+}
+
+asd_status asd_set_prompt_embedding_file(asd_runtime* rt, const char* npy_path) {
+  return guarded([&] {
+    auto& r = get(rt);
+    if (npy_path == nullptr) throw asd::Error(ASD_ERR_ARGUMENT, "prompt embedding path is null");
+    asd::npy::Array a;
+    try {
+      a = asd::npy::read_f32(npy_path);
+    } catch (const std::exception& e) {
+      throw asd::Error(ASD_ERR_IO, e.what());
+    }
+    const auto& want = r.context_shape;
+    bool ok = (a.shape.size() == 3 && a.shape[0] == 1 && a.shape[1] == want[1] && a.shape[2] == want[2]) ||
+              (a.shape.size() == 2 && a.shape[0] == want[1] && a.shape[1] == want[2]);
+    if (!ok)
+      throw asd::Error(ASD_ERR_ARGUMENT, std::string(npy_path) + " holds an embedding of shape " +
+                       asd::npy::shape_str(a.shape) + "; this engine wants [1, " + std::to_string(want[1]) + ", " +
+                       std::to_string(want[2]) + "] (python -m asd_deploy encode-prompt writes it)");
+    r.set_prompt(a.data.data(), static_cast<int64_t>(a.data.size()));
+  });
+}
+
+asd_status asd_prompt_shape(const asd_runtime* rt, int64_t* text_len, int64_t* text_dim) {
+  return guarded([&] {
+    auto& r = get(rt);
+    if (text_len == nullptr || text_dim == nullptr) throw asd::Error(ASD_ERR_ARGUMENT, "null output pointer");
+    *text_len = r.context_shape[1];
+    *text_dim = r.context_shape[2];
+  });
+}
+
+asd_status asd_reset(asd_runtime* rt, uint64_t seed) {
+  return guarded([&] { get(rt).restart(seed); });
+}
+
+asd_status asd_chunk_shape(const asd_runtime* rt, int64_t shape[5]) {
+  return guarded([&] {
+    auto& r = get(rt);
+    if (shape == nullptr) throw asd::Error(ASD_ERR_ARGUMENT, "null shape pointer");
+    for (int i = 0; i < 5; ++i) shape[i] = r.x_shape[i];
+  });
+}
+
+asd_status asd_chunk_numel(const asd_runtime* rt, int64_t* numel) {
+  return guarded([&] {
+    auto& r = get(rt);
+    if (numel == nullptr) throw asd::Error(ASD_ERR_ARGUMENT, "null numel pointer");
+    int64_t n = 1;
+    for (int64_t d : r.x_shape) n *= d;
+    *numel = n;
+  });
+}
+
+asd_status asd_next_chunk(asd_runtime* rt, float* out, int64_t capacity) {
+  return guarded([&] {
+    auto& r = get(rt);
+    int64_t n = 1;
+    for (int64_t d : r.x_shape) n *= d;
+    if (out == nullptr || capacity < n)
+      throw asd::Error(ASD_ERR_ARGUMENT, "output buffer must hold " + std::to_string(n) + " floats; got " +
+                       (out == nullptr ? std::string("a null pointer") : std::to_string(capacity)));
+    at::Tensor x0 = r.next_chunk().contiguous();
+    std::memcpy(out, x0.data_ptr<float>(), static_cast<size_t>(n) * sizeof(float));
+  });
+}
+
+int64_t asd_chunks_done(const asd_runtime* rt) { return (rt && rt->impl) ? rt->impl->chunks_done : 0; }
+
+const char* asd_last_error(void) { return asd::last_error.c_str(); }
+
+}  // extern "C"

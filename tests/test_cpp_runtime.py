@@ -1,0 +1,191 @@
+"""The C++ runtime (CMakeLists.txt, asd_deploy/csrc/): built with cmake + make against the torch
+wheel's libtorch, run on the default model's AOTInductor engine, compared with the Python runtime.
+
+The library and `asd_stream` are built once per module into a temp folder (~15 s), the engine once
+(~30 s). Latents must equal Python's eager loop for the same seed and prompt within 1e-4, and
+bad engines and inputs must give clear errors, never a crash (checked through the C ABI with
+ctypes too, the way a host application would call it)."""
+import ctypes
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asd_deploy.generator import EagerStep, generate
+from asd_deploy.registry import load_dit
+from asd_deploy.schedule import Schedule
+from asd_deploy.video import read_mp4
+from export.build import build
+
+from conftest import assert_close, rand_context
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cmake() -> str:
+    here = Path(sys.executable).parent / "cmake"  # the `cmake` wheel from the dev install
+    found = str(here) if here.exists() else shutil.which("cmake")
+    if found is None:
+        pytest.fail("cmake not found: `pip install -e '.[dev]'` installs it")
+    return found
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """(build folder, engine folder, loaded default model)."""
+    tmp = tmp_path_factory.mktemp("cpp")
+    cmake, b = _cmake(), tmp / "build"
+    subprocess.run([cmake, "-S", str(ROOT), "-B", str(b), "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], check=True, capture_output=True)
+    r = subprocess.run([cmake, "--build", str(b), "-j2"], capture_output=True, text=True)
+    assert r.returncode == 0, f"C++ build failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    engine = build(backend="aoti", out=tmp / "engines", log=lambda msg: None)
+    return b, engine, load_dit("default")
+
+
+def _stream(native, *args, engine=None):
+    b, default_engine, _ = native
+    cmd = [str(b / "asd_stream"), "--engine", str(engine or default_engine), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _prompt(tmp_path, cfg, seed=0, shape=None):
+    ctx = rand_context(cfg, seed=seed)
+    path = tmp_path / "prompt.npy"
+    np.save(path, ctx.numpy() if shape is None else ctx.numpy().reshape(shape))
+    return ctx, path
+
+
+@pytest.mark.parametrize("steps,ffe,chunks", [(None, None, 5), (2, 1, 7)], ids=["manifest-1step", "2step-ffe-rolling"])
+def test_cpp_latents_match_python(native, tmp_path, steps, ffe, chunks):
+    """Same seed and prompt -> the same latents as the Python loop (eager model), through the
+    rolling-window boundary (7 chunks > 3-chunk cache), per-chunk files equal the stacked file."""
+    _, _, loaded = native
+    ctx, prompt = _prompt(tmp_path, loaded.config)
+    extra = [] if steps is None else ["--steps", steps, "--ffe", ffe]
+    r = _stream(native, "--prompt", prompt, "--chunks", chunks, "--seed", 11, "--out", tmp_path / "lat.npy",
+                "--chunk-dir", tmp_path / "chunks", *extra)
+    assert r.returncode == 0, r.stderr
+    got = torch.from_numpy(np.load(tmp_path / "lat.npy"))
+    sched = Schedule(steps=steps or 1, ffe=bool(ffe))
+    ref = torch.cat(list(generate(EagerStep(loaded.model), ctx, num_chunks=chunks, schedule=sched, seed=11)), dim=2)
+    assert got.shape == ref.shape
+    assert_close(got, ref, 1e-4, f"C++ {sched.describe()} latents vs Python")
+    fpc = loaded.config.frames_per_chunk
+    for c in range(chunks):
+        one = torch.from_numpy(np.load(tmp_path / "chunks" / f"chunk_{c:04d}.npy"))
+        assert torch.equal(one, got[:, :, c * fpc:(c + 1) * fpc])
+    other = _stream(native, "--prompt", prompt, "--chunks", 2, "--seed", 12, "--out", tmp_path / "o.npy", *extra)
+    assert other.returncode == 0 and not torch.allclose(torch.from_numpy(np.load(tmp_path / "o.npy")), got[:, :, :2 * fpc])
+
+
+def test_cpp_reads_encode_prompt_output(native, tmp_path):
+    """The Python side's `encode-prompt` file feeds the C++ runtime directly."""
+    out = tmp_path / "p.npy"
+    r = subprocess.run([sys.executable, "-m", "asd_deploy", "encode-prompt", "--prompt", "a red circle moving right",
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    r = _stream(native, "--prompt", out, "--chunks", 2, "--out", tmp_path / "lat.npy")
+    assert r.returncode == 0, r.stderr
+    ctx = torch.from_numpy(np.load(out))
+    ref = torch.cat(list(generate(EagerStep(native[2].model), ctx, num_chunks=2, seed=0)), dim=2)
+    assert_close(torch.from_numpy(np.load(tmp_path / "lat.npy")), ref, 1e-4, "C++ latents from encode-prompt")
+    r = subprocess.run([sys.executable, "-m", "asd_deploy", "decode", "--latents", str(tmp_path / "lat.npy"),
+                        "--out", str(tmp_path / "v.mp4")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    video, _ = read_mp4(tmp_path / "v.mp4")
+    cfg = native[2].config
+    assert video.shape == (cfg.pixel_frames_for(ref.shape[2]), cfg.height, cfg.width, 3)
+    r = subprocess.run([sys.executable, "-m", "asd_deploy", "decode", "--latents", str(out), "--out",
+                        str(tmp_path / "w.mp4")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "decodes latents [1, 16, F, 4, 6]" in r.stderr and not (tmp_path / "w.mp4").exists()
+
+
+def _broken_engine(native, tmp_path, edit):
+    src = native[1]
+    dst = tmp_path / "engine"
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def _edit_manifest(**changes):
+    def edit(d):
+        m = json.loads((d / "manifest.json").read_text())
+        m.update(changes)
+        (d / "manifest.json").write_text(json.dumps(m))
+    return edit
+
+
+def _truncate(d):
+    p = d / "step.pt2"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("case,edit,message", [
+    ("missing", None, "no engine at"),
+    ("truncated", _truncate, "truncated"),
+    ("ort engine", _edit_manifest(backend="ort"), "built for backend \"ort\""),
+    ("other torch", _edit_manifest(torch_version="2.9.0+cpu"), "built with torch 2.9.0"),
+    ("unfinished", _edit_manifest(complete=False), "did not finish"),
+    ("bad json", lambda d: (d / "manifest.json").write_text("{\"backend\": "), "not valid JSON"),
+    ("missing package", lambda d: (d / "cross_kv.pt2").unlink(), "cross_kv.pt2 is missing"),
+])
+def test_cpp_bad_engine_is_a_clear_error(native, tmp_path, case, edit, message):
+    engine = tmp_path / "nowhere" if edit is None else _broken_engine(native, tmp_path, edit)
+    _, prompt = _prompt(tmp_path, native[2].config)
+    r = _stream(native, "--prompt", prompt, "--out", tmp_path / "lat.npy", engine=engine)
+    assert r.returncode != 0 and message in r.stderr, (case, r.returncode, r.stderr)
+    assert "export.build" in r.stderr  # says how to (re)build
+    assert not (tmp_path / "lat.npy").exists()
+
+
+def test_cpp_bad_inputs(native, tmp_path):
+    cfg = native[2].config
+    _, wrong = _prompt(tmp_path, cfg, shape=(1, cfg.text_len * 2, cfg.text_dim // 2))
+    r = _stream(native, "--prompt", wrong, "--out", tmp_path / "lat.npy")
+    assert r.returncode != 0 and "this engine wants [1, 16, 384]" in r.stderr, r.stderr
+    np.save(tmp_path / "f64.npy", rand_context(cfg).numpy().astype(np.float64))
+    r = _stream(native, "--prompt", tmp_path / "f64.npy", "--out", tmp_path / "lat.npy")
+    assert r.returncode != 0 and "expected float32" in r.stderr, r.stderr
+    r = _stream(native, "--prompt", tmp_path / "absent.npy", "--out", tmp_path / "lat.npy")
+    assert r.returncode != 0 and "cannot open" in r.stderr
+    r = _stream(native, "--prompt", wrong, "--out", tmp_path / "lat.npy", "--steps", 9)
+    assert r.returncode == 2 and "bad value for --steps" in r.stderr
+    assert not (tmp_path / "lat.npy").exists()
+
+
+def test_c_abi_never_crashes_the_host(native, tmp_path):
+    """A host application calling the library wrongly gets status codes and messages."""
+    b, engine, loaded = native
+    lib = ctypes.CDLL(str(b / "libasd_runtime.so"))
+    lib.asd_last_error.restype = ctypes.c_char_p
+    lib.asd_create.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    lib.asd_next_chunk.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.asd_set_prompt_embedding.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.asd_chunk_numel.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
+    lib.asd_destroy.argtypes = [ctypes.c_void_p]
+    h = ctypes.c_void_p()
+    assert lib.asd_create(str(tmp_path / "none").encode(), None, ctypes.byref(h)) == 2 and not h.value
+    assert b"no engine at" in lib.asd_last_error()
+    assert lib.asd_create(None, None, ctypes.byref(h)) == 1
+    assert lib.asd_next_chunk(None, None, 0) == 1 and b"null runtime handle" in lib.asd_last_error()
+
+    assert lib.asd_create(str(engine).encode(), None, ctypes.byref(h)) == 0, lib.asd_last_error()
+    n = ctypes.c_int64()
+    assert lib.asd_chunk_numel(h, ctypes.byref(n)) == 0 and n.value == int(np.prod(loaded.config.chunk_shape()))
+    buf = np.zeros(n.value, np.float32)
+    assert lib.asd_next_chunk(h, buf.ctypes.data, n.value) == 3 and b"no prompt" in lib.asd_last_error()
+    ctx = rand_context(loaded.config).numpy()
+    assert lib.asd_set_prompt_embedding(h, ctx.ctypes.data, ctx.size - 1) == 1
+    assert lib.asd_set_prompt_embedding(h, ctx.ctypes.data, ctx.size) == 0
+    assert lib.asd_next_chunk(h, buf.ctypes.data, n.value - 1) == 1 and b"must hold" in lib.asd_last_error()
+    assert lib.asd_next_chunk(h, buf.ctypes.data, n.value) == 0 and lib.asd_last_error() == b""
+    ref = next(generate(EagerStep(loaded.model), torch.from_numpy(ctx), num_chunks=1, seed=0))
+    assert_close(torch.from_numpy(buf).view(ref.shape), ref, 1e-4, "C ABI chunk 0")
+    lib.asd_destroy(h)
