@@ -176,7 +176,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Wan2.1-T2V-1.3B, exactly.
     "wan2.1-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, name="wan2.1-1.3b"),
     # Tests: 2 layers, 3x... tokens. text_dim 384 matches the default sentence encoder.
-    "tiny": ModelConfig(dim=64, ffn_dim=160, num_heads=2, num_layers=2, text_dim=384, text_len=16,
+    "tiny": ModelConfig(dim=64, ffn_dim=160, num_heads=2, num_layers=2, text_dim=384, text_len=32,
                         freq_dim=32, height=32, width=48, max_cache_frames=9, sink_frames=3, name="tiny"),
     # Benchmarks: geometry and width big enough that matmuls dominate on a CPU.
     "small": ModelConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_dim=384, text_len=32,

@@ -149,7 +149,7 @@ def test_cpp_bad_inputs(native, tmp_path):
     cfg = native[2].config
     _, wrong = _prompt(tmp_path, cfg, shape=(1, cfg.text_len * 2, cfg.text_dim // 2))
     r = _stream(native, "--prompt", wrong, "--out", tmp_path / "lat.npy")
-    assert r.returncode != 0 and "this engine wants [1, 16, 384]" in r.stderr, r.stderr
+    assert r.returncode != 0 and "this engine wants [1, 32, 384]" in r.stderr, r.stderr
     np.save(tmp_path / "f64.npy", rand_context(cfg).numpy().astype(np.float64))
     r = _stream(native, "--prompt", tmp_path / "f64.npy", "--out", tmp_path / "lat.npy")
     assert r.returncode != 0 and "expected float32" in r.stderr, r.stderr

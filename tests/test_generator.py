@@ -71,7 +71,7 @@ def test_prefill_writes_the_clean_pass_keys(tiny_model, tiny_cfg):
 
 def test_bad_inputs(tiny_model, tiny_cfg):
     step = EagerStep(tiny_model)
-    with pytest.raises(ValueError, match=r"context must be \[B, 16, 384\]"):
+    with pytest.raises(ValueError, match=r"context must be \[B, 32, 384\]"):
         next(generate(step, torch.zeros(1, 5, 384), num_chunks=1))
     with pytest.raises(ValueError, match="num_chunks must be a positive integer"):
         next(generate(step, rand_context(tiny_cfg), num_chunks=0))

@@ -265,7 +265,7 @@ def test_critic_flow_loss_decreases_on_fixed_data(cfg, mcfg):
     x_t, ctx = L.add_noise(x, eps, sigma), _ctx(mcfg, 2)
     opt = torch.optim.Adam(nets.critic.parameters(), lr=1e-3)
     losses = []
-    for _ in range(8):
+    for _ in range(12):
         opt.zero_grad()
         loss = L.flow_matching_loss(nets.critic(x_t, t, ctx), x, eps)
         loss.backward()
@@ -279,7 +279,7 @@ def test_teacher_loss_decreases_on_fixed_data(cfg, mcfg):
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     lat, ctx = _latents(mcfg, 2, 3, 0), _ctx(mcfg, 2)
     losses = []
-    for _ in range(8):
+    for _ in range(12):
         opt.zero_grad()
         loss, _ = L.teacher_loss(net, lat, ctx, cfg.teacher, StepRandom(0, 0))  # same noise every step
         loss.backward()
@@ -367,7 +367,7 @@ def test_presets_and_config_errors():
 def test_random_latent_cache_batches(cfg):
     from training.distributed import DistInfo
     data = LatentCache.random(cfg)
-    assert data.latents.shape == (8, 16, 9, 4, 4) and data.context.shape == (8, 16, 384)
+    assert data.latents.shape == (8, 16, 9, 4, 4) and data.context.shape == (8, 32, 384)
     lat, ctx = data.batch(0, 4, 0, DistInfo())
     halves = [data.batch(0, 4, 0, DistInfo(rank=r, world=2)) for r in range(2)]
     assert torch.equal(torch.cat([h[0] for h in halves]), lat) and torch.equal(torch.cat([h[1] for h in halves]), ctx)
