@@ -67,7 +67,7 @@ class LatentCache:
         return {"format": LatentCache.FORMAT, "height": m.height, "width": m.width, "channels": m.in_channels,
                 "frames": m.pixel_frames_for(d.num_chunks * m.frames_per_chunk), "text_len": m.text_len,
                 "text_dim": m.text_dim, "num_samples": d.num_samples, "seed": d.seed, "vae": d.vae,
-                "text_encoder": d.text_encoder, "max_objects": d.max_objects}
+                "text_encoder": d.text_encoder, "max_objects": d.max_objects, "vae_weights": _vae_weights_hash(d.vae)}
 
     @classmethod
     def random(cls, cfg: TrainConfig) -> "LatentCache":
@@ -150,6 +150,19 @@ class LatentCache:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
             idx.append(int(perm[pos % n]))
         return (self.latents[idx].float().to(info.device), self.context[idx].float().to(info.device))
+
+
+def _vae_weights_hash(vae: str) -> str | None:
+    """Content hash of a VAE folder's weights, so a retrained VAE at the same path rebuilds the cache."""
+    if vae == "tiny":
+        return None
+    from asd_deploy.vae import WEIGHT_FILES
+    for name in WEIGHT_FILES:
+        f = Path(vae) / name
+        if f.is_file():
+            return hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    raise FileNotFoundError(f"data.vae={vae!r} has none of {list(WEIGHT_FILES)}; train one with "
+                            f"`python -m training.vae --out {vae}` or use \"tiny\"")
 
 
 def _video_tensor(video) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""The default model's recipe pieces: VAE training, packaging a student as a model folder, the
+teacher's multi-step sampler used by the ablation. Small sizes; the real run is in the README."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from asd_deploy.checkpoint import read_state_dict
+from asd_deploy.generator import EagerStep, generate
+from asd_deploy.model import build_model
+from asd_deploy.pipeline import Pipeline
+from asd_deploy.schedule import Schedule
+from asd_deploy.vae import VideoVAE
+from training.ablation import sample_teacher
+from training.package import package_model
+from training.vae import evaluate, render, train_vae
+
+from conftest import assert_close, rand_context
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_vae_training_learns_and_normalizes(tmp_path):
+    """Some dozens of steps on one clip cut the reconstruction loss, the saved folder loads, its
+    latent statistics normalize the training clips to zero mean and unit std, and the report's
+    PSNR is the one `evaluate` measures on the held-out videos."""
+    kw = dict(steps=80, batch=1, lr=2e-3, num_videos=1, clip_frames=5, eval_videos=2, fg_weight=0.0, log=None)
+    report = train_vae(tmp_path / "vae", **kw)
+    first, last = report["history"][0]["recon"], report["history"][-1]["recon"]
+    assert last < 0.7 * first, report["history"]
+    vae = VideoVAE.from_pretrained(tmp_path / "vae")
+    assert abs(evaluate(vae, render(2, 1, 33, 32, 48)) - report["heldout_psnr_db"]) < 0.01
+    z = vae.encode(render(1, 0, 5, 32, 48))  # the clips it trained on (all of them: stats cover them)
+    per_channel = z.transpose(0, 1).flatten(1)
+    assert per_channel.mean(1).abs().max() < 1e-3 and (per_channel.std(1) - 1).abs().max() < 1e-2
+    assert json.loads((tmp_path / "vae" / "train_report.json").read_text())["steps"] == 80
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = subprocess.run([sys.executable, "-m", "training.train", "--config", "micro", "--steps", "2", "--out", str(out),
+                        "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    VideoVAE.tiny().save(out / "vae")
+    return out
+
+
+def test_package_writes_a_model_folder_the_pipeline_runs(micro_run, tmp_path):
+    ckpt = micro_run / "distill" / "checkpoint.pt"
+    folder = package_model(ckpt, micro_run / "vae", tmp_path / "model")
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["trained"] and meta["source"]["weights"] == "generator_ema"
+    pipe = Pipeline.from_pretrained(str(folder))
+    ema = read_state_dict(ckpt, "generator_ema")
+    for k, v in pipe.step.model.state_dict().items():
+        assert torch.equal(v, ema[k].float()), k
+    frames = list(pipe.stream("a red circle moving right on a white background", steps=1, ffe=False, frames=9))
+    assert frames[0].shape == (9, pipe.config.height, pipe.config.width, 3)
+
+
+def test_package_over_budget_leaves_nothing(micro_run, tmp_path):
+    with pytest.raises(ValueError, match="over the 0.01 MB budget"):
+        package_model(micro_run / "distill" / "checkpoint.pt", micro_run / "vae", tmp_path / "model", budget_mb=0.01)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        package_model(micro_run / "distill" / "checkpoint.pt", tmp_path, tmp_path / "model")
+
+
+def test_teacher_sampler_one_step_unguided_is_the_one_step_student_loop(tiny_cfg):
+    """With 1 Euler step and guidance 1 the teacher sampler reduces to x0 = x - v at sigma 1,
+    which is what the student loop computes: an independent check of its noise order, timesteps
+    and caching. More steps and guidance change the result."""
+    model = build_model(tiny_cfg, seed=3)
+    step, ctx = EagerStep(model), rand_context(tiny_cfg)
+    ours = sample_teacher(step, ctx, num_chunks=4, steps=1, guidance=1.0, seed=5)
+    loop = torch.cat(list(generate(step, ctx, num_chunks=4, schedule=Schedule(steps=1), seed=5)), dim=2)
+    assert_close(ours, loop, 1e-5, "teacher sampler (1 step, g=1) vs student loop")
+    guided = sample_teacher(step, ctx, num_chunks=4, steps=8, guidance=3.0, seed=5)
+    assert guided.shape == loop.shape and (guided - loop).abs().max() > 1e-2

@@ -1,0 +1,86 @@
+"""Package a trained student as a model folder: the embedded default, or any `Pipeline` folder.
+
+Owns: `package_model` and `python -m training.package`: the student's weights (the EMA
+generator of a Self-Forcing-format checkpoint by default) as `dit.safetensors`, the VAE folder,
+and `config.json` (model config, text encoder, fps, and where it came from: recipe, checkpoint
+hash, reports), written into a temp folder and renamed into place, with the size checked against
+a budget. Does not own training (`train.py`, `vae.py`) or loading (`asd_deploy/pipeline.py`).
+
+    python -m training.package --checkpoint out/train/default/distill/checkpoint.pt \\
+        --vae out/vae --out asd_deploy/assets/default
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from asd_deploy.checkpoint import check_state_dict, read_state_dict, state_dict_hash
+from asd_deploy.config import ModelConfig
+
+DEFAULT_BUDGET_MB = 25.0
+
+
+def folder_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2 ** 20
+
+
+def package_model(checkpoint: Path, vae: Path, out: Path, prefer: str = "generator_ema",
+                  info: dict | None = None, budget_mb: float = DEFAULT_BUDGET_MB) -> Path:
+    checkpoint, vae, out = Path(checkpoint), Path(vae), Path(out)
+    run_cfg = checkpoint.parent / "config.json"
+    if not run_cfg.is_file():
+        raise FileNotFoundError(f"{run_cfg} not found: expected a checkpoint written by `python -m training.train`, "
+                                f"whose run folder holds config.json beside checkpoint.pt")
+    from .config import TrainConfig
+    run = json.loads(run_cfg.read_text())  # {"model": ModelConfig fields, "train": TrainConfig, "stage"}
+    train_cfg = TrainConfig.from_dict(run["train"])
+    mcfg = ModelConfig.from_dict(run["model"])
+    sd = {k: v.float().contiguous() for k, v in read_state_dict(checkpoint, prefer).items()}
+    check_state_dict(sd, mcfg)
+    if not (vae / "config.json").is_file():
+        raise FileNotFoundError(f"VAE folder {vae} has no config.json (expected `python -m training.vae` output)")
+    meta = {"model": mcfg.to_dict(), "text_encoder": train_cfg.data.text_encoder, "fps": 16,
+            "checkpoint": "dit.safetensors", "trained": True,
+            "source": {"checkpoint": str(checkpoint), "weights": prefer, "weights_hash": state_dict_hash(sd),
+                       "train_config": train_cfg.name, **(info or {})}}
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        save_file(sd, str(tmp / "dit.safetensors"))
+        shutil.copytree(vae, tmp / "vae")
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        size = folder_mb(tmp)
+        if size > budget_mb:
+            raise ValueError(f"the packaged model is {size:.1f} MB, over the {budget_mb} MB budget")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.package", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint.pt (Self-Forcing format)")
+    p.add_argument("--vae", required=True, help="the VAE folder (python -m training.vae --out ...)")
+    p.add_argument("--out", default="asd_deploy/assets/default", help="model folder to write")
+    p.add_argument("--weights", default="generator_ema", choices=("generator_ema", "generator"))
+    p.add_argument("--budget-mb", type=float, default=DEFAULT_BUDGET_MB)
+    a = p.parse_args(argv)
+    out = package_model(a.checkpoint, a.vae, a.out, a.weights, budget_mb=a.budget_mb)
+    print(f"wrote {out} ({folder_mb(out):.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
