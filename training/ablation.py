@@ -72,6 +72,23 @@ def evaluate_row(name: str, sample, vae: VideoVAE, contexts: torch.Tensor, promp
     return {"name": name, **scores, "videos": len(videos), "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def reconstruction_row(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int, seed: int = 4321) -> dict:
+    """The ceiling any generator can reach through this VAE: real procedural videos (not the eval
+    prompts: the same grammar), encoded and decoded, scored against their own captions."""
+    from .data import ProceduralVideos
+
+    frames = config.pixel_frames_for(num_chunks * config.frames_per_chunk)
+    ds = ProceduralVideos(num_samples=num, seed=seed, height=config.height, width=config.width, frames=frames)
+    videos, captions = [], []
+    for i in range(num):
+        item = ds[i]
+        x = torch.from_numpy(item["video"]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        videos.append(to_uint8_frames(vae.decode(vae.encode(x))))
+        captions.append(item["caption"])
+    return {"name": "real videos through the VAE (ceiling)", **toybench.score_many(videos, captions),
+            "videos": num, "seconds": 0.0}
+
+
 def student_sampler(model, schedule: Schedule, num_chunks: int):
     step = EagerStep(model)
     return lambda ctx, seed: torch.cat(list(generate(step, ctx, num_chunks=num_chunks, schedule=schedule,
@@ -85,7 +102,8 @@ def run(teacher: Path, students: dict[str, Path], vae: Path, config: ModelConfig
     enc = load_text_encoder(text_encoder, config.text_len)
     contexts = enc.encode(prompts).float().cpu()
     vae_ = VideoVAE.from_pretrained(vae)
-    rows = []
+    rows = [reconstruction_row(vae_, config, len(prompts) * len(seeds), num_chunks)]
+    log(toybench.format_table(rows))
     t_model = EagerStep(load_checkpoint(teacher, config, prefer="generator_ema"))
     rows.append(evaluate_row(f"teacher ({teacher_steps} steps, CFG {guidance})", lambda c, s: sample_teacher(
         t_model, c, num_chunks, teacher_steps, guidance, seed=s), vae_, contexts, prompts, list(seeds)))
