@@ -43,7 +43,8 @@ def test_fsdp2_two_processes_match_one(tmp_path):
         for key in [k for k in keys if k in a]:
             for name, t in a[key].items():
                 err = (t - b[key][name]).abs().max().item()
-                assert err <= 2e-6, f"{stage} {key}/{name}: 1 vs 2 processes differ by {err:.2e}"
+                # float reduction order only; a real sharding error moves weights by ~lr (1e-3)
+                assert err <= 1e-5, f"{stage} {key}/{name}: 1 vs 2 processes differ by {err:.2e}"
         la = [json.loads(x) for x in (tmp_path / "single" / stage / "log.jsonl").read_text().splitlines()]
         lb = [json.loads(x) for x in (tmp_path / "fsdp" / stage / "log.jsonl").read_text().splitlines()]
         assert [e["step"] for e in la] == [e["step"] for e in lb] == [0, 1]
