@@ -16,7 +16,7 @@ from asd_deploy.schedule import Schedule
 from asd_deploy.vae import VideoVAE
 from training.ablation import sample_teacher
 from training.package import package_model
-from training.vae import evaluate, render, train_vae
+from training.vae import decode_for_training, evaluate, inflate_temporal, render, train_vae
 
 from conftest import assert_close, rand_context
 
@@ -32,11 +32,43 @@ def test_vae_training_learns_and_normalizes(tmp_path):
     first, last = report["history"][0]["recon"], report["history"][-1]["recon"]
     assert last < 0.7 * first, report["history"]
     vae = VideoVAE.from_pretrained(tmp_path / "vae")
-    assert abs(evaluate(vae, render(2, 1, 33, 32, 48)) - report["heldout_psnr_db"]) < 0.01
-    z = vae.encode(render(1, 0, 5, 32, 48))  # the clips it trained on (all of them: stats cover them)
+    assert abs(evaluate(vae, render(2, 1, 33, 32, 48, max_objects=2)) - report["heldout_psnr_db"]) < 0.01
+    z = vae.encode(render(1, 0, 5, 32, 48, max_objects=2))  # the clips it trained on (all of them: stats cover them)
     per_channel = z.transpose(0, 1).flatten(1)
     assert per_channel.mean(1).abs().max() < 1e-3 and (per_channel.std(1) - 1).abs().max() < 1e-2
     assert json.loads((tmp_path / "vae" / "train_report.json").read_text())["steps"] == 80
+
+
+def test_training_decode_is_the_decode_without_its_clamp():
+    """The training decode runs the same causal frame loop as diffusers' decode; only the final
+    clamp to [-1, 1] (which would zero the gradient of pixels pushed past a bound) is left out."""
+    vae = VideoVAE.tiny(seed=3).vae
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.mul_(4)  # push some outputs past [-1, 1] so the clamp matters
+        z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+        raw = decode_for_training(vae, z)
+        ref = vae.decode(z).sample
+    assert raw.abs().max() > 1.0
+    assert_close(raw.clamp(-1, 1), ref, 1e-6, "training decode vs diffusers decode")
+
+
+def test_inflated_vae_is_the_image_vae_on_every_frame():
+    """After `inflate_temporal`, a static 9-frame clip encodes to the image latent in every latent
+    frame and decodes to the image decode in every pixel frame; the temporal taps are no longer
+    random (without inflation the clip's later frames differ from the image)."""
+    vae = VideoVAE.tiny(seed=1).vae
+    image = render(1, 0, 1, 32, 48)
+    clip = image.expand(-1, -1, 9, -1, -1)
+    with torch.no_grad():
+        z_img = vae.encode(image).latent_dist.mode()
+        before = vae.encode(clip).latent_dist.mode()
+        assert (before[:, :, 1:] - z_img).abs().max() > 1e-2
+        assert inflate_temporal(vae) > 0
+        z = vae.encode(clip).latent_dist.mode()
+        assert_close(z, z_img.expand_as(z), 1e-5, "inflated encoder, static clip")
+        assert_close(decode_for_training(vae, z), decode_for_training(vae, z_img).expand(-1, -1, 9, -1, -1),
+                     1e-5, "inflated decoder, static clip")
 
 
 @pytest.fixture(scope="module")

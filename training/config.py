@@ -71,6 +71,9 @@ class DistillConfig:
     max_timestep: float = 980.0
     alpha: float = 10.0           # weight of L_ASD; 0 = DMD only (the ablation; the ASD rollouts are skipped)
     asd_max_steps: int = 3        # N: n ~ U{1..N}, compared with n + 1 <= 4 steps
+    asd_timestep_shift: float | None = None  # shift of the n / n+1 pair's re-noising; None: timestep_shift.
+    # At shift 5 most pairs are re-noised past sigma 0.8, where a ~20% difference between n- and
+    # (n+1)-step samples is buried in noise (seen here: D stays at ln 2 through training).
     disc_layer: int | None = None  # critic block whose pooled output feeds D; None: (layers - 1) // 2
     disc_hidden: int = 256
     r1_gamma: float = 1.0         # R1 on the "real" (n+1)-step features: gamma / 2 * E|grad D|^2
@@ -113,6 +116,8 @@ class TrainConfig:
                 f"1..{MAX_STEPS - 1}")
         if not d.dmd_steps or any(not 1 <= s <= MAX_STEPS for s in d.dmd_steps):
             bad(f"distill.dmd_steps={list(d.dmd_steps)}: each in 1..{MAX_STEPS}")
+        if d.asd_timestep_shift is not None and not d.asd_timestep_shift > 0:
+            bad(f"distill.asd_timestep_shift={d.asd_timestep_shift} must be > 0 (or null: timestep_shift)")
         if d.critic_ratio < 1:
             bad(f"distill.critic_ratio={d.critic_ratio} must be >= 1")
         if not 0 <= d.min_timestep < d.max_timestep <= 1000:

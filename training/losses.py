@@ -161,10 +161,12 @@ def asd_pair(gen: TrainNet, context, num_chunks: int, cfg: DistillConfig, noise:
     return n, x_n, x_n1
 
 
-def _score_timesteps(noise: BatchNoise, x: torch.Tensor, cfg: DistillConfig):
-    """Per-sample sigma [B] (uniform, shifted, clamped), eps like x, and t [B, F] for the network."""
+def _score_timesteps(noise: BatchNoise, x: torch.Tensor, cfg: DistillConfig, asd: bool = False):
+    """Per-sample sigma [B] (uniform, shifted, clamped), eps like x, and t [B, F] for the network.
+    `asd`: the re-noising of the n / n+1 pair, with its own shift (`cfg.asd_timestep_shift`)."""
     b = x.shape[0]
-    sigma = sample_sigmas(noise, b, shift=cfg.timestep_shift, min_t=cfg.min_timestep, max_t=cfg.max_timestep)
+    shift = cfg.asd_timestep_shift if asd and cfg.asd_timestep_shift is not None else cfg.timestep_shift
+    sigma = sample_sigmas(noise, b, shift=shift, min_t=cfg.min_timestep, max_t=cfg.max_timestep)
     eps = noise.randn(b, *x.shape[1:])
     t = (1000.0 * sigma)[:, None].expand(b, x.shape[2]).contiguous()
     return sigma, eps, t
@@ -183,7 +185,7 @@ def critic_losses(nets: DistillNets, context, cfg: DistillConfig, num_chunks: in
     if cfg.alpha <= 0:
         return flow_loss, None, logs
     n, x_n, x_n1 = asd_pair(nets.generator, context, num_chunks, cfg, noise, grad=False)
-    sigma, eps, t = _score_timesteps(noise, x_n, cfg)
+    sigma, eps, t = _score_timesteps(noise, x_n, cfg, asd=True)
     with torch.no_grad():
         h_fake = nets.critic.features(add_noise(x_n, eps, sigma), t, context, nets.disc_layer)
         h_real = nets.critic.features(add_noise(x_n1, eps, sigma), t, context, nets.disc_layer)
@@ -216,7 +218,7 @@ def generator_loss(nets: DistillNets, context, cfg: DistillConfig, num_chunks: i
     logs = {**logs, "loss_dmd": l_dmd.detach(), "dmd_grad": grad_mag}
     if cfg.alpha > 0:
         n, x_n, x_n1 = asd_pair(nets.generator, context, num_chunks, cfg, noise, grad=True)
-        sigma, eps, t = _score_timesteps(noise, x_n, cfg)
+        sigma, eps, t = _score_timesteps(noise, x_n, cfg, asd=True)
         leaf = x_n.detach().requires_grad_(True)
         h_fake = nets.critic.features(add_noise(leaf, eps, sigma), t, context, nets.disc_layer)
         with torch.no_grad():
