@@ -10,7 +10,8 @@ own the network (diffusers) or the streaming decode (`asd_deploy/vae.py`).
 Why this VAE: Wan2.1's own VAE is 250 MB and made for 480p; the embedded default must stay
 under 25 MB and run at 32x48 on a CPU. The tiny config keeps Wan's layout and strides (time 4,
 space 8, z_dim 16), so every code path (causal streaming decode, normalization, exports) is
-the one a real Wan VAE takes; on flat-coloured shapes it reconstructs well (PSNR in the report).
+the one a real Wan VAE takes. At this size it reconstructs the shapes with soft edges (about
+19 dB held-out PSNR for the recipe in the README; `train_report.json` in the output folder).
 """
 from __future__ import annotations
 
