@@ -362,6 +362,20 @@ def test_presets_and_config_errors():
         TrainConfig.load("micro", ["distill.asd_max_steps=4"])
     with pytest.raises(ConfigError, match="valid presets"):
         TrainConfig.load("no-such-preset")
+    with pytest.raises(ConfigError, match="asd_timestep_shift=0 must be > 0"):
+        TrainConfig.load("micro", ["distill.asd_timestep_shift=0"])
+
+
+def test_asd_pair_renoising_has_its_own_shift():
+    """`distill.asd_timestep_shift` changes only the ASD pair's re-noising sigmas; the critic / DMD
+    sigmas keep `timestep_shift`; None falls back to it."""
+    d = TrainConfig.load("micro", ["distill.timestep_shift=5", "distill.asd_timestep_shift=1"]).distill
+    x = torch.zeros(4000, 1, 1, 1, 1)
+    dmd, _, _ = L._score_timesteps(BatchNoise(3), x, d)
+    asd, _, _ = L._score_timesteps(BatchNoise(3), x, d, asd=True)
+    assert dmd.median() > 0.75 and 0.4 < asd.median() < 0.6  # shift 5 vs shift 1 (uniform) medians
+    fallback = TrainConfig.load("micro", ["distill.timestep_shift=5"]).distill
+    assert torch.equal(L._score_timesteps(BatchNoise(3), x, fallback, asd=True)[0], dmd)
 
 
 def test_random_latent_cache_batches(cfg):
