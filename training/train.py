@@ -161,8 +161,9 @@ def _vae_weights_hash(vae: str) -> str | None:
         f = Path(vae) / name
         if f.is_file():
             return hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-    raise FileNotFoundError(f"data.vae={vae!r} has none of {list(WEIGHT_FILES)}; train one with "
-                            f"`python -m training.vae --out {vae}` or use \"tiny\"")
+    raise FileNotFoundError(f"data.vae={vae!r} has none of {list(WEIGHT_FILES)}; train one with the three "
+                            f"`python -m training.vae` runs of the README's recipe (the last with --out {vae}), "
+                            f"or use \"tiny\"")
 
 
 def _video_tensor(video) -> torch.Tensor:
