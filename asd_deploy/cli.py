@@ -89,8 +89,8 @@ def _generate(args) -> int:
     if args.frames is not None:
         pipe.config.latent_frames_for(args.frames)
     if pipe.info.get("trained") is False:
-        print("note: the default model has RANDOM weights (no trained checkpoint is shipped yet); "
-              "the video is noise-like. Every code path is real.", file=sys.stderr)
+        print("note: this model has RANDOM weights (--checkpoint random, or the embedded default's trained "
+              "assets are missing); the video is noise-like. Every code path is real.", file=sys.stderr)
     stream = pipe.stream(args.prompt, steps=args.steps, ffe=args.ffe, seed=args.seed, frames=args.frames,
                          latents_only=out.suffix == ".pt")
     frames = []

@@ -73,8 +73,16 @@ def test_cli_writes_a_real_mp4_and_sheet(tmp_path):
     frames, fps = read_mp4(out)
     assert frames.shape == (21, 32, 48, 3) and fps == 16
     assert sheet.stat().st_size > 0
-    assert "RANDOM weights" in r.stderr or "random" not in r.stdout
+    from asd_deploy.registry import default_is_trained
+    assert default_is_trained() and "RANDOM weights" not in r.stderr  # the shipped default is trained
     assert "FPS" in r.stdout and "first frame after" in r.stdout and "21 frames 48x32" in r.stdout
+
+
+def test_cli_says_when_weights_are_random(tmp_path):
+    r = _cli("generate", "--prompt", "a red circle moving right", "--checkpoint", "random", "--config", "tiny",
+             "--steps", "1", "--frames", "9", "--out", str(tmp_path / "v.mp4"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM weights" in r.stderr
 
 
 def test_cli_latents_and_errors(tmp_path):
