@@ -14,7 +14,9 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -229,6 +231,26 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_dir(path: str | os.PathLike, fill) -> Path:
+    """Call `fill(tmp_dir)` on a new empty folder beside `path`, then put it in place of `path`. A
+    folder under the final name is always whole; an old one is replaced only after `fill` succeeds,
+    and a failing `fill` (say, a size check raising) leaves the old one as it was."""
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        if dst.exists():  # a directory cannot be os.replace'd over a non-empty one
+            dst.rename(old)
+        tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return dst
 
 
 def save_checkpoint(path, generator: dict, critic: dict | None = None, generator_ema: dict | None = None,

@@ -22,13 +22,13 @@ diffusers' `encode` (module state), under a lock.
 """
 from __future__ import annotations
 
-import shutil
 import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .checkpoint import atomic_dir
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -105,21 +105,14 @@ class VideoVAE:
             vae = AutoencoderKLWan(z_dim=z_dim, **TINY_CONFIG, **stats)
         return cls(vae.to(device), source=f"tiny random (seed {seed})")
 
-    def save(self, path: str | Path) -> Path:
-        """Writes a diffusers folder atomically: into a temp dir beside `path`, then renamed over it."""
-        dst = Path(path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        try:
+    def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+        """Writes a diffusers folder atomically (`atomic_dir`), with `extra` text files {name: text}
+        (e.g. a training report) inside it, so they appear together or not at all."""
+        def fill(tmp: Path):
             self.vae.save_pretrained(str(tmp), safe_serialization=True)
-            if dst.exists():  # a directory cannot be os.replace'd over a non-empty one
-                dst.rename(old)
-            tmp.rename(dst)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
-        return dst
+            for name, text in (extra or {}).items():
+                (tmp / name).write_text(text)
+        return atomic_dir(path, fill)
 
     def to(self, device=None, dtype=None) -> "VideoVAE":
         self.vae.to(device=device, dtype=dtype)

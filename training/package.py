@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from asd_deploy.checkpoint import check_state_dict, read_state_dict, state_dict_hash
+from asd_deploy.checkpoint import atomic_dir, check_state_dict, read_state_dict, state_dict_hash
 from asd_deploy.config import ModelConfig
 
 DEFAULT_BUDGET_MB = 25.0
@@ -48,10 +47,8 @@ def package_model(checkpoint: Path, vae: Path, out: Path, prefer: str = "generat
             "checkpoint": "dit.safetensors", "trained": True,
             "source": {"checkpoint": str(checkpoint), "weights": prefer, "weights_hash": state_dict_hash(sd),
                        "train_config": train_cfg.name, **(info or {})}}
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
+
+    def fill(tmp: Path):
         save_file(sd, str(tmp / "dit.safetensors"))
         shutil.copytree(vae, tmp / "vae")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
@@ -60,12 +57,8 @@ def package_model(checkpoint: Path, vae: Path, out: Path, prefer: str = "generat
         size = folder_mb(tmp)
         if size > budget_mb:
             raise ValueError(f"the packaged model is {size:.1f} MB, over the {budget_mb} MB budget")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+
+    atomic_dir(out, fill)
     return out
 
 

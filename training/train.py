@@ -156,11 +156,12 @@ def _vae_weights_hash(vae: str) -> str | None:
     """Content hash of a VAE folder's weights, so a retrained VAE at the same path rebuilds the cache."""
     if vae == "tiny":
         return None
+    from asd_deploy.backends.manifest import sha256_file
     from asd_deploy.vae import WEIGHT_FILES
     for name in WEIGHT_FILES:
         f = Path(vae) / name
         if f.is_file():
-            return hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+            return sha256_file(f)[:16]
     raise FileNotFoundError(f"data.vae={vae!r} has none of {list(WEIGHT_FILES)}; train one with the three "
                             f"`python -m training.vae` runs of the README's recipe (the last with --out {vae}), "
                             f"or use \"tiny\"")

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asd_deploy.checkpoint import atomic_write
 from asd_deploy.config import ModelConfig
 from asd_deploy.vae import TINY_CONFIG, VideoVAE
 
@@ -116,12 +115,12 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
               model: str = "tiny", init: Path | None = None, inflate: bool = False, log=print) -> dict:
     """Train, normalize, evaluate and save a diffusers folder at `out` (atomically). Returns the report.
 
-    The recipe runs it twice: on single frames (`clip_frames=1`: the causal convolutions see only
-    their last temporal tap, and an image batch is ~9x cheaper than a clip batch), then, from that
-    folder (`init`, `inflate=True`: see `inflate_temporal`), on 9-frame clips so the temporal taps
-    learn too. Adam with cosine decay to 10%
-    and gradient clipping: at lr 1e-3 without clipping the loss climbs back to the mean-colour
-    plateau (seen here). `log=None`: silent."""
+    The recipe (README) runs it three times: twice on single frames (`clip_frames=1`: the causal
+    convolutions see only their last temporal tap, and an image batch is ~9x cheaper than a clip
+    batch; the second run continues the first at a lower lr), then, from that folder (`init`,
+    `inflate=True`: see `inflate_temporal`), on 9-frame clips so the temporal taps learn too. Adam
+    with cosine decay to 10% and gradient clipping: at lr 1e-3 without clipping the loss climbs
+    back to the mean-colour plateau (seen here). `log=None`: silent."""
     from diffusers import AutoencoderKLWan
     from tqdm import tqdm
 
@@ -184,8 +183,7 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
         prev = Path(init) / "train_report.json"
         if prev.is_file():
             report["previous"] = json.loads(prev.read_text())
-    wrapped.save(out)
-    atomic_write(Path(out) / "train_report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    wrapped.save(out, extra={"train_report.json": json.dumps(report, indent=2)})
     log(f"VAE: held-out PSNR {report['heldout_psnr_db']} dB after {steps} steps ({train_s:.0f} s); saved {out}")
     return report
 
