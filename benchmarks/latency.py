@@ -7,7 +7,7 @@ Writes benchmarks/reports/<date>-<host>/latency.json (machine-readable, machine 
 latency.md (the human report) and PNG plots (per-chunk latency by chunk index; FPS by backend
 and steps). Per setting: time to first frame, per-chunk latency, steady FPS DiT-only and with
 VAE decode, text-encoding time, peak RSS, KV-cache bytes, achieved GFLOP/s against this
-machine's fp32 matmul peak measured in the same run. Warm-up (compile, engine load) is reported
+machine's fp32 matmul peak measured in the same run (the faster of torch.mm and oneDNN). Warm-up (compile, engine load) is reported
 apart; timings are medians over repeats with min and max. Settings that cannot run here
 (TensorRT, CUDA graphs without a GPU) are listed as "not run: no GPU", never with a number.
 """
@@ -35,17 +35,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """fp32 GEMM throughput of this machine with torch's BLAS, best of `repeats` (GFLOP/s)."""
+def matmul_rates_gflops(n: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """fp32 GEMM throughput of this machine (GFLOP/s, best of `repeats`), n x n x n, by each
+    library torch carries: its BLAS (`torch.mm`, MKL on x86) and oneDNN on a prepacked weight
+    (what AOTInductor's frozen linears call). They differ a lot on some CPUs: MKL runs its AVX2
+    kernels on AMD EPYC, oneDNN its AVX-512 ones. The machine's peak is the faster of the two."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * n ** 3 / best / 1e9
+    gemms = {"torch.mm": lambda: a @ b}
+    if torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
+        gemms["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    rates, ref = {}, a @ b
+    for name, gemm in gemms.items():
+        err = (gemm() - ref).abs().max().item()
+        if err > 1e-3 * ref.abs().max().item():  # a GEMM that is fast because it is wrong sets no peak
+            raise RuntimeError(f"{name} GEMM disagrees with torch.mm (max abs error {err:.3g}); no peak measured")
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                gemm()
+            best = min(best, (time.perf_counter() - t0) / 4)
+        rates[name] = 2 * n ** 3 / best / 1e9
+    return rates
 
 
 def step_flops(cfg: ModelConfig) -> int:
@@ -62,19 +74,39 @@ def step_flops(cfg: ModelConfig) -> int:
     return fc.get_total_flops()
 
 
+class CountingStep:
+    """A chunk step that counts its calls, so the FLOPs a timing covers are counted, not inferred."""
+
+    def __init__(self, step):
+        self.step, self.calls = step, 0
+        self.config, self.dtype, self.device = step.config, step.dtype, step.device
+
+    def cross_kv(self, context):
+        return self.step.cross_kv(context)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.step(*args)
+
+
 def run_once(step, vae, context, num_chunks, schedule, seed=0):
-    """Per-chunk DiT and VAE seconds for one video."""
-    dit, dec = [], []
+    """Per-chunk DiT seconds, VAE seconds and step calls for one video. A chunk's DiT time is
+    what `next()` on the generator takes: the previous chunk's clean pass, then this chunk's
+    steps; the calls are counted around exactly that."""
+    dit, dec, calls = [], [], []
+    counted = CountingStep(step)
     decoder = vae.stream_decoder(1)
-    it = generate(step, context, num_chunks=num_chunks, schedule=schedule, seed=seed)
+    it = generate(counted, context, num_chunks=num_chunks, schedule=schedule, seed=seed)
     for _ in range(num_chunks):
+        before = counted.calls
         t0 = time.perf_counter()
         lat = next(it)
         t1 = time.perf_counter()
+        calls.append(counted.calls - before)
         decoder.decode_chunk(lat.float())
         dec.append(time.perf_counter() - t1)
         dit.append(t1 - t0)
-    return dit, dec
+    return dit, dec, calls
 
 
 def summarize(runs, cfg: ModelConfig, text_s: float, schedule: Schedule, flops: int, peak: float) -> dict:
@@ -86,12 +118,11 @@ def summarize(runs, cfg: ModelConfig, text_s: float, schedule: Schedule, flops: 
     steady = slice(1, n) if n > 1 else slice(0, n)
     fps_dit = sum(frames[steady]) / sum(dit[steady])
     fps_vae = sum(frames[steady]) / (sum(dit[steady]) + sum(dec[steady]))
-    # calls per chunk: its steps + the clean pass (none after the last chunk)
-    calls = [schedule.steps_for_chunk(i) + (i + 1 < n) for i in range(n)]
+    calls = runs[0][2]  # the same in every run: the schedule fixes them
     gflops = sum(c * flops for c in calls[steady]) / sum(dit[steady]) / 1e9
     totals = [sum(r[0]) for r in runs]
     return {"schedule": schedule.describe(), "steps": schedule.steps, "ffe": schedule.ffe,
-            "chunk_dit_s": dit, "chunk_vae_s": dec, "chunk_frames": frames,
+            "chunk_dit_s": dit, "chunk_vae_s": dec, "chunk_step_calls": calls, "chunk_frames": frames,
             "video_dit_s": {"median": med(totals), "min": min(totals), "max": max(totals)},
             "time_to_first_frame_s": text_s + dit[0] + dec[0], "text_s": text_s,
             "fps_dit_only": fps_dit, "fps_with_vae": fps_vae, "achieved_gflops": gflops,
@@ -144,7 +175,8 @@ def write_report(res: dict, out) -> None:
          f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
          f"onnxruntime {m['onnxruntime']}, GPU: {m['gpu'] or 'none'}.",
          f"Command: `{res['command']}`", "",
-         f"fp32 matmul peak measured in this run: {res['matmul_peak_gflops']:.1f} GFLOP/s. "
+         f"fp32 matmul peak measured in this run: {res['matmul_peak_gflops']:.1f} GFLOP/s (the faster of "
+         + ", ".join(f"{k} {v:.1f}" for k, v in res["matmul_rates_gflops"].items()) + ", 1024^3). "
          f"One chunk step (full cache): {res['step_gflop']:.3f} GFLOP. Text encoding: {res['text_s'] * 1e3:.1f} ms. "
          f"KV cache: {res['kv_cache_bytes'] / 2**20:.2f} MiB. Peak RSS: {res['peak_rss_mb']:.0f} MiB.", "",
          "| backend | schedule | first frame (s) | chunk DiT median (ms) | FPS DiT only | FPS with VAE | GFLOP/s | % peak | warm-up (s) |",
@@ -242,10 +274,12 @@ def main(argv=None):
     t0 = time.perf_counter()
     context = enc.encode("a red circle moving right on a white background")
     args.text_s = time.perf_counter() - t0
-    peak = matmul_peak_gflops()
+    rates = matmul_rates_gflops()
+    peak = max(rates.values())
     flops = step_flops(cfg)
     res = {"command": "python -m benchmarks.latency " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "config": cfg.name, "machine": machine_info(), "matmul_peak_gflops": peak, "step_gflop": flops / 1e9,
+           "config": cfg.name, "machine": machine_info(), "matmul_peak_gflops": peak,
+           "matmul_rates_gflops": rates, "step_gflop": flops / 1e9,
            "text_s": args.text_s, "kv_cache_bytes": KVCache(cfg).nbytes, "backends": []}
     for name in args.backends.split(","):
         print(f"[latency] {name} ...", flush=True)

@@ -223,8 +223,9 @@ def build(*, config: str | None = None, checkpoint: str = "default", backend: st
         manifest.update(gpu=gpu, device="cuda", trt_version=manifest["backend_version"])
         manifest["runtime"] = {"step": eng, "cross_kv": "cross_kv.onnx"}  # cross K/V: once per prompt, ORT
     elif backend == "aoti":
-        from .aoti_export import export_aoti
+        from .aoti_export import INDUCTOR_CONFIGS, export_aoti
         base["cpu_isa"] = manifest["host"]["cpu_isa"]
+        base["inductor_configs"] = manifest["inductor_configs"] = INDUCTOR_CONFIGS
         for g in ("step", "cross_kv"):
             key = stage_key(stage="build", graph=g, **base)
             stage("build", f"{g}.pt2", key, lambda p, g=g: export_aoti(specs[g], p))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from asd_deploy.schedule import Schedule
 from benchmarks.latency import main
 
 
@@ -22,6 +23,9 @@ def test_files_and_machine(report):
     for k in ("cpu", "cores", "torch_threads", "torch", "onnxruntime"):
         assert k in res["machine"]
     assert res["matmul_peak_gflops"] > 0 and res["step_gflop"] > 0 and res["kv_cache_bytes"] > 0
+    # the peak is the faster of torch's BLAS and oneDNN, both measured in this run
+    assert "torch.mm" in res["matmul_rates_gflops"]
+    assert res["matmul_peak_gflops"] == max(res["matmul_rates_gflops"].values())
 
 
 def test_rows_are_consistent(report):
@@ -35,6 +39,11 @@ def test_rows_are_consistent(report):
         assert r["fps_dit_only"] == pytest.approx(steady_frames / sum(r["chunk_dit_s"][1:]))
         assert r["fps_with_vae"] < r["fps_dit_only"]
         assert r["time_to_first_frame_s"] == pytest.approx(r["text_s"] + r["chunk_dit_s"][0] + r["chunk_vae_s"][0])
+        # chunk c's time covers chunk c-1's clean pass and chunk c's own steps: the FLOPs count both
+        sched = Schedule(steps=r["steps"], ffe=r["ffe"])
+        assert r["chunk_step_calls"] == [sched.steps_for_chunk(c) + (c > 0) for c in range(3)]
+        assert r["achieved_gflops"] == pytest.approx(
+            sum(r["chunk_step_calls"][1:]) * res["step_gflop"] / sum(r["chunk_dit_s"][1:]))
         assert 0 < r["pct_of_matmul_peak"] == pytest.approx(100 * r["achieved_gflops"] / res["matmul_peak_gflops"])
     assert set(eager["speedup_vs_self_forcing"]) == set(scheds) - {"4-step"}
 
