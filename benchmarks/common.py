@@ -34,9 +34,11 @@ def time_fn(fn, repeats: int = 5, warmup: int = 1) -> dict:
             "repeats": repeats}
 
 
-def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
+def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, block: int = 1) -> dict:
     """Like `time_fn` for several functions, run round-robin so drift (thermal, other load) hits
-    all of them alike: a fair side-by-side comparison."""
+    all of them alike: a fair side-by-side comparison. `block` > 1 times that many calls in a row
+    per turn (repeats turns), so a function's timings are not taken right after another
+    runtime's threads were busy (OpenMP workers spin for a while after torch ops)."""
     out = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -45,12 +47,13 @@ def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
         out[name] = {"warmup": time.perf_counter() - t0, "times": []}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            out[name]["times"].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                out[name]["times"].append(time.perf_counter() - t0)
     for r in out.values():
         ts = r.pop("times")
-        r.update(median=statistics.median(ts), min=min(ts), max=max(ts), repeats=repeats)
+        r.update(median=statistics.median(ts), min=min(ts), max=max(ts), repeats=repeats * block)
     return out
 
 

@@ -68,3 +68,29 @@ def test_long_video_section(report):
     _, res = report
     lv = res["long"]
     assert lv["chunks"] == 8 and len(lv["chunk_s"]) == 8 and lv["ratio_50_over_5"] > 0
+
+
+def test_step_ceiling_accounts_for_the_whole_step(tmp_path):
+    """The ceiling's kernel inventory is the step's FLOPs (all but the 3-row time embedding), every
+    kernel is timed, and the bound takes each shape's fastest library."""
+    from asd_deploy.config import PRESETS
+    from benchmarks.ceiling import main as ceiling_main, step_attentions, step_linears
+
+    res = ceiling_main(["--config", "tiny", "--repeats", "1", "--out", str(tmp_path)])
+    cfg = PRESETS["tiny"]
+    linear = sum(2 * m * k * n for m, k, n in step_linears(cfg))
+    attention = cfg.num_layers * sum(4 * cfg.num_heads * lq * lk * cfg.head_dim for lq, lk in step_attentions(cfg).values())
+    f, d = cfg.frames_per_chunk, cfg.dim
+    time_embedding = 2 * f * (cfg.freq_dim * d + d * d + d * 6 * d)
+    assert linear + attention + time_embedding == pytest.approx(res["step_gflop"] * 1e9, rel=1e-9)
+    rows, c = res["kernels"], res["ceiling"]
+    assert all(r["median_s"] > 0 for r in rows.values())
+    fastest = {}
+    for r in rows.values():
+        key = (r["kind"], r["shape"])
+        fastest[key] = min(fastest.get(key, float("inf")), r["count_per_step"] * r["median_s"])
+    assert c["kernels_only_step_s"] == pytest.approx(sum(fastest.values()))
+    assert c["kernels_only_pct_of_peak"] == pytest.approx(
+        100 * res["step_gflop"] / c["kernels_only_step_s"] / res["matmul_peak_gflops"])
+    md = (tmp_path / "ceiling-tiny.md").read_text()
+    assert sum(md.count(f"| linear {m}x{k}x{n} ") for m, k, n in set(step_linears(cfg))) == 2 * len(set(step_linears(cfg)))
