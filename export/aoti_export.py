@@ -11,7 +11,9 @@ Inductor replaces every linear by a oneDNN linear on a prepacked weight, with GE
 residual adds fused into it. torch's own fp32 GEMM (MKL) runs at less than half that rate on the
 AMD EPYC of our CI (MKL dispatches its AVX2 kernels there; oneDNN uses AVX-512): measured by
 `python -m benchmarks.latency`, which reports both GEMM rates. Freezing is silently skipped
-while autograd is on, so the compile runs under `torch.no_grad()`.
+while autograd is on, so the compile runs under `torch.no_grad()`. The prepacked weights are laid
+out for the building CPU's ISA, one more reason to build engines on the CPU type they serve (the
+loaders refuse a package whose recorded ISA this machine lacks).
 """
 from __future__ import annotations
 
