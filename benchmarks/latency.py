@@ -7,8 +7,9 @@ Writes benchmarks/reports/<date>-<host>/latency.json (machine-readable, machine 
 latency.md (the human report) and PNG plots (per-chunk latency by chunk index; FPS by backend
 and steps). Per setting: time to first frame, per-chunk latency, steady FPS DiT-only and with
 VAE decode, text-encoding time, peak RSS, KV-cache bytes, achieved GFLOP/s against this
-machine's fp32 matmul peak measured in the same run (the faster of torch.mm and oneDNN). Warm-up (compile, engine load) is reported
-apart; timings are medians over repeats with min and max. Settings that cannot run here
+machine's fp32 matmul peak measured in the same run (the faster of torch.mm and oneDNN; the
+bound the step's own kernels put on that ratio: `benchmarks.ceiling`). Warm-up (compile,
+engine load) is reported apart; timings are medians over repeats with min and max. Settings that cannot run here
 (TensorRT, CUDA graphs without a GPU) are listed as "not run: no GPU", never with a number.
 """
 from __future__ import annotations
