@@ -100,7 +100,8 @@ def measure(cfg: ModelConfig, repeats: int) -> dict:
     # round-robin in blocks of 5 calls: drift hits all alike, and ORT is not timed while torch's
     # OpenMP workers still spin from the kernel before (nor the other way round)
     t = time_interleaved({n: kn["fn"] for n, kn in kernels.items()}, repeats=repeats, warmup=2, block=5)
-    return {n: {"kind": kn["kind"], "impl": kn["impl"], "shape": kn["shape"], "count_per_step": kn["count"], "gflop": kn["flops"] / 1e9,
+    return {n: {"kind": kn["kind"], "impl": kn["impl"], "shape": kn["shape"], "count_per_step": kn["count"],
+                "gflop": kn["flops"] / 1e9,
                 "median_s": t[n]["median"], "min_s": t[n]["min"], "gflops": kn["flops"] / t[n]["median"] / 1e9}
             for n, kn in kernels.items()}
 
@@ -157,7 +158,8 @@ def main(argv=None) -> dict:
     b = c["best_s"]
     lines += ["", f"Each kernel shape with its fastest library: linears {1e3 * b['linear']:.2f} ms + attention "
               f"{1e3 * b['attention']:.2f} ms = {1e3 * c['kernels_only_step_s']:.2f} ms per step: "
-              f"{c['kernels_only_gflops']:.1f} GFLOP/s, **{c['kernels_only_pct_of_peak']:.0f}% of the peak**, the most a "
+              f"{c['kernels_only_gflops']:.1f} GFLOP/s, **{c['kernels_only_pct_of_peak']:.0f}% of the peak**, "
+              "the most a "
               "backend built on these kernels can reach (it also runs norms, RoPE, modulation and copies)."]
     (out / f"ceiling-{cfg.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
