@@ -1,6 +1,6 @@
 """How close to the fp32 matmul peak can one chunk step get on this machine? A bound, measured.
 
-    python -m benchmarks.ceiling [--config medium] [--repeats 15]
+    python -m benchmarks.ceiling [--config medium] [--repeats 5] [--out DIR]
 
 The latency report gives what each backend achieves. This gives what the step's own kernels
 allow, timed round-robin in one run on the step's exact shapes: every linear of the step as a
