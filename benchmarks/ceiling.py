@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from asd_deploy.config import PRESETS, ModelConfig
-from benchmarks.common import machine_info, report_dir, time_interleaved, write_json
+from benchmarks.common import machine_info, onednn_linear, report_dir, time_interleaved, write_json
 from benchmarks.latency import matmul_rates_gflops, step_flops
 
 
@@ -66,16 +67,13 @@ def ort_attention(heads: int, lq: int, lk: int, head_dim: int):
 def measure(cfg: ModelConfig, repeats: int) -> dict:
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    kernels: dict[str, dict] = {}  # name -> {"fn", "count", "flops", "kind", "impl"}
+    kernels: dict[str, dict] = {}  # name -> {"fn", "count", "flops", "kind", "impl", "shape"}
 
-    for (m, k, n) in sorted(set(step_linears(cfg))):
-        count = step_linears(cfg).count((m, k, n))
+    for (m, k, n), count in sorted(Counter(step_linears(cfg)).items()):
         x, w = rnd(m, k), rnd(n, k)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
         flops = 2 * m * k * n
-        kernels[f"linear {m}x{k}x{n} onednn"] = dict(
-            fn=lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
-            count=count, flops=flops, kind="linear", impl="onednn", shape=f"{m}x{k}x{n}")
+        kernels[f"linear {m}x{k}x{n} onednn"] = dict(fn=onednn_linear(x, w), count=count, flops=flops,
+                                                   kind="linear", impl="onednn", shape=f"{m}x{k}x{n}")
         wt = w.t().contiguous()
         kernels[f"linear {m}x{k}x{n} torch.mm"] = dict(fn=lambda x=x, w=wt: x @ w, count=count, flops=flops,
                                                      kind="linear", impl="torch.mm", shape=f"{m}x{k}x{n}")
@@ -159,8 +157,7 @@ def main(argv=None) -> dict:
     lines += ["", f"Each kernel shape with its fastest library: linears {1e3 * b['linear']:.2f} ms + attention "
               f"{1e3 * b['attention']:.2f} ms = {1e3 * c['kernels_only_step_s']:.2f} ms per step: "
               f"{c['kernels_only_gflops']:.1f} GFLOP/s, **{c['kernels_only_pct_of_peak']:.0f}% of the peak**, "
-              "the most a "
-              "backend built on these kernels can reach (it also runs norms, RoPE, modulation and copies)."]
+              "the most a backend built on these kernels can reach (it also runs norms, RoPE, modulation and copies)."]
     (out / f"ceiling-{cfg.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"written: {out / f'ceiling-{cfg.name}.md'}")

@@ -57,6 +57,13 @@ def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, block: int = 
     return out
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor):
+    """A callable computing x @ weight.T [M, N] (weight [N, K]) as oneDNN runs it on a prepacked
+    weight: what AOTInductor's frozen linears call on CPU."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])
+    return lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -27,7 +27,7 @@ from asd_deploy.generator import generate
 from asd_deploy.model import CausalWanDiT
 from asd_deploy.registry import load_dit
 from asd_deploy.schedule import Schedule
-from benchmarks.common import machine_info, report_dir, write_json
+from benchmarks.common import machine_info, onednn_linear, report_dir, write_json
 
 GPU_ONLY = ("trt", "eager+cudagraph")
 
@@ -44,8 +44,7 @@ def matmul_rates_gflops(n: int = 1024, repeats: int = 5) -> dict[str, float]:
     a, b = torch.randn(n, n), torch.randn(n, n)
     gemms = {"torch.mm": lambda: a @ b}
     if torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
-        gemms["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+        gemms["onednn"] = onednn_linear(a, b.t().contiguous())
     rates, ref = {}, a @ b
     for name, gemm in gemms.items():
         err = (gemm() - ref).abs().max().item()

@@ -44,11 +44,11 @@ def export_aoti(spec: ExportSpec, path: Path, inductor_configs: dict | None = No
         raise ValueError(f"an AOTInductor package must end in .pt2; got {path.name}")
     program = export_program(spec)
 
-    configs = INDUCTOR_CONFIGS if inductor_configs is None else inductor_configs  # copied: torch adds keys
+    configs = dict(INDUCTOR_CONFIGS if inductor_configs is None else inductor_configs)  # a copy: torch adds keys
 
     def write(tmp: Path):
         with warnings.catch_warnings(), torch.no_grad():  # freezing only happens without autograd
             warnings.simplefilter("ignore")
-            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=dict(configs))
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
 
     return write_atomically(path, write)
