@@ -178,6 +178,10 @@ PRESETS: dict[str, ModelConfig] = {
     # Tests: 2 layers, 3x... tokens. text_dim 384 matches the default sentence encoder.
     "tiny": ModelConfig(dim=64, ffn_dim=160, num_heads=2, num_layers=2, text_dim=384, text_len=32,
                         freq_dim=32, height=32, width=48, max_cache_frames=9, sink_frames=3, name="tiny"),
+    # The embedded default model: 64x96 pixels, 4x6 = 24 tokens per latent frame, so a shape
+    # (radius 15-25% of the height) spans 2-3 tokens; sized so a 2-core CPU trains its teacher.
+    "demo": ModelConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, text_dim=384, text_len=32,
+                        freq_dim=64, height=64, width=96, max_cache_frames=9, sink_frames=3, name="demo"),
     # Benchmarks: geometry and width big enough that matmuls dominate on a CPU.
     "small": ModelConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_dim=384, text_len=32,
                          freq_dim=64, height=64, width=96, max_cache_frames=9, sink_frames=3, name="small"),

@@ -36,6 +36,11 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 # speed checks: 4 levels (3 spatial downsamples), the last two also temporal.
 TINY_CONFIG = dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
                    temperal_downsample=[False, True, True], dropout=0.0)
+# Architectures `python -m training.vae --arch` trains. "demo": the default model's VAE (64x96):
+# twice the tiny width at full resolution, 4x it at the two coarsest levels, where the shapes'
+# colours and layout are encoded and a channel costs 1/16-1/64 of a full-resolution one.
+VAE_ARCHS = {"tiny": TINY_CONFIG,
+             "demo": dict(TINY_CONFIG, base_dim=16, dim_mult=[1, 2, 4, 4])}
 
 
 def _causal_conv_cls():
