@@ -25,6 +25,35 @@ def test_real_videos_score_near_perfect(h, w, seed, n):
         assert s["artifact_rate"] < 0.05 and s["overall"] > 0.9, (it["caption"], s)
 
 
+def test_overall_has_a_floor_that_doing_nothing_cannot_pass():
+    """Real videos at the default model's size score >= 0.95 overall; the background alone scores
+    <= 0.1, and a held first frame, a wrong colour and a wrong direction each clearly lower."""
+    items = _items(64, 96, 7, 24, max_objects=2)
+    real = np.mean([score_video(it["video"], it["caption"])["overall"] for it in items])
+    assert real >= 0.95, real
+    rows = {}
+    for it in items:
+        for name, video in tb.baselines(it).items():
+            assert video.shape == it["video"].shape and video.dtype == np.uint8
+            rows.setdefault(name, []).append(score_video(video, it["caption"])["overall"])
+    means = {k: float(np.mean(v)) for k, v in rows.items()}
+    assert means["background only"] <= 0.1, means
+    for name, m in means.items():
+        assert m <= real - 0.2, (name, m, real)
+
+
+def test_stray_objects_cost_overall():
+    """A hallucinated blob of an unnamed colour is counted (stray_rate) and lowers overall."""
+    it = _single(64, 96, seed=4)
+    (o,) = it["objects"]
+    other = next(c for c in PALETTE if c != o.color)
+    video = it["video"].copy()
+    video[:, 2:14, 2:14] = PALETTE[other]
+    base, s = score_video(it["video"], it["caption"]), score_video(video, it["caption"])
+    assert base["stray_rate"] == 0.0 and s["stray_rate"] == pytest.approx(144 / (64 * 96), rel=0.2)
+    assert s["overall"] < base["overall"] - 0.02, (base, s)
+
+
 def test_noise_scores_near_zero():
     rng = np.random.default_rng(0)
     for it in _items(32, 48, 0, 3):

@@ -32,7 +32,15 @@ Metrics, each in [0, 1] (higher is better except artifact_rate), means over the 
                the dataset's top speed) of that frame edge; each such frame is left out and splits
                the fit. Stretches under 3 frames carry no residual.
   artifact_rate  fraction of pixels within COLOR_CAP of no known colour.
-  overall      0.4 * adherence + 0.2 * consistency + 0.2 * smoothness + 0.2 * (1 - artifact_rate).
+  stray_rate   fraction of pixels of a known colour the caption does not name (a hallucinated
+               object, a wrong background).
+  overall      mean over the named objects of presence * (0.25 + 0.15 * shape + 0.3 * motion +
+               0.15 * steadiness + 0.15 * straightness), times (0.5 + 0.5 * background), times
+               (1 - artifact_rate - stray_rate). steadiness = clip(1 - cv(area), 0, 1) and
+               straightness = 1 / (1 + rel^2) are consistency and smoothness before their presence
+               factor. Everything is gated by the named objects being there: a video of the right
+               background alone scores 0, a static or wrong-way object at most 0.7, a wrong colour
+               about 0 (`baselines` makes these videos; tests hold the floor).
 """
 from __future__ import annotations
 
@@ -53,6 +61,7 @@ SMOOTH_SCALE = 0.02        # rms off-line centroid error (share of min(H, W)) th
 SMOOTH_MIN_PX = 1.5        # ... but never under this: the pixel grid alone jitters a hard-edged
                            # shape's centroid by 0.15-0.27 px rms (measured on the procedural videos)
 METRICS = ("adherence", "consistency", "smoothness", "artifact_rate", "overall")
+EXTRA = ("stray_rate",)
 DETAILS = ("presence", "shape", "motion", "background")
 
 _NAMES = list(PALETTE) + list(BACKGROUNDS)
@@ -178,13 +187,13 @@ def _motion_ok(tr: dict, direction: str) -> float:
     return float(err <= DIRECTION_TOL_DEG)
 
 
-def _consistency(tr: dict) -> float:
+def _steadiness(tr: dict) -> float:
+    """clip(1 - cv(area), 0, 1) over the frames where the object exists (0 if it never does)."""
     p = tr["present"]
     if not p.any():
         return 0.0
     a = tr["area"][p]
-    cv = a.std() / a.mean()
-    return float(p.mean() * np.clip(1.0 - cv, 0.0, 1.0))
+    return float(np.clip(1.0 - a.std() / a.mean(), 0.0, 1.0))
 
 
 def _runs(mask: np.ndarray):
@@ -193,10 +202,13 @@ def _runs(mask: np.ndarray):
     return zip(edges[::2], edges[1::2])
 
 
-def _smoothness(tr: dict, h: int, w: int) -> float:
+def _straightness(tr: dict, h: int, w: int) -> float:
+    """1 / (1 + rel^2) of the centroid's off-line residual (1 when too short to measure, 0 if absent)."""
     p, c, box = tr["present"], tr["centroid"], tr["box"]
-    if len(p) < 3 or not p.any():
-        return float(p.mean())   # too short to measure a trajectory
+    if not p.any():
+        return 0.0
+    if len(p) < 3:
+        return 1.0   # too short to measure a trajectory
     both = p[1:] & p[:-1]
     speed = np.median(np.abs(np.diff(c, axis=0))[both], axis=0) if both.any() else np.zeros(2)   # [2] x, y
     # a wall is within one frame of motion of a bounce's turning frame; the speed that widens this
@@ -217,7 +229,7 @@ def _smoothness(tr: dict, h: int, w: int) -> float:
                 residuals.append(y[a:b] - np.polyval(np.polyfit(t, y[a:b], 1), t))
     rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2))) if residuals else 0.0
     rel = rms / max(SMOOTH_MIN_PX, SMOOTH_SCALE * min(h, w))
-    return float(p.mean() / (1.0 + rel * rel))
+    return float(1.0 / (1.0 + rel * rel))
 
 
 def score_video(video: np.ndarray, caption: str) -> dict:
@@ -230,31 +242,59 @@ def score_video(video: np.ndarray, caption: str) -> dict:
     t, h, w = video.shape[:3]
     labels = [color_labels(f) for f in video]
     bg_k = _NAMES.index(spec["background"])
-    bg_ok, unassigned = [], 0
+    named = {bg_k} | {_NAMES.index(c) for c, _, _ in spec["objects"]}
+    stray = np.array([k not in named for k in range(len(_NAMES))])
+    bg_ok, unassigned, strays = [], 0, 0
     for lab in labels:
         counts = np.bincount(lab.ravel() + 1, minlength=len(_NAMES) + 1)   # [1 + K], slot 0: none
         unassigned += counts[0]
+        strays += counts[1:][stray].sum()
         bg_ok.append(counts[1:].argmax() == bg_k and counts[1 + bg_k] >= 0.3 * h * w)
     background = float(np.mean(bg_ok))
-    per = {m: [] for m in ("object", "presence", "shape", "motion", "consistency", "smoothness")}
+    per = {m: [] for m in ("object", "presence", "shape", "motion", "consistency", "smoothness", "gated")}
     for color, shape, direction in spec["objects"]:
         tr = _track(video, labels, color)
         p = tr["present"]
         shape_ok = float(np.mean([s == shape for s, q in zip(tr["shape"], p) if q])) if p.any() else 0.0
         motion = _motion_ok(tr, direction)
+        steady, straight = _steadiness(tr), _straightness(tr, h, w)
         per["object"].append(p.mean() * (0.5 + 0.25 * shape_ok + 0.25 * motion))
         per["presence"].append(p.mean())
         per["shape"].append(shape_ok)
         per["motion"].append(motion)
-        per["consistency"].append(_consistency(tr))
-        per["smoothness"].append(_smoothness(tr, h, w))
+        per["consistency"].append(p.mean() * steady)
+        per["smoothness"].append(p.mean() * straight)
+        per["gated"].append(p.mean() * (0.25 + 0.15 * shape_ok + 0.3 * motion + 0.15 * steady + 0.15 * straight))
     m = {k: float(np.mean(v)) for k, v in per.items()}
+    artifact, stray_rate = float(unassigned / (t * h * w)), float(strays / (t * h * w))
     out = {"adherence": 0.8 * m["object"] + 0.2 * background, "consistency": m["consistency"],
-           "smoothness": m["smoothness"], "artifact_rate": float(unassigned / (t * h * w))}
-    out["overall"] = (0.4 * out["adherence"] + 0.2 * out["consistency"] + 0.2 * out["smoothness"]
-                      + 0.2 * (1.0 - out["artifact_rate"]))
+           "smoothness": m["smoothness"], "artifact_rate": artifact,
+           "overall": m["gated"] * (0.5 + 0.5 * background) * max(0.0, 1.0 - artifact - stray_rate),
+           "stray_rate": stray_rate}
     out.update(presence=m["presence"], shape=m["shape"], motion=m["motion"], background=background)
     return out
+
+
+def baselines(item: dict) -> dict[str, np.ndarray]:
+    """Videos that must score below the real one, made from a procedural item (`data.py`): the
+    named background alone; the first frame held still; every object in another palette colour;
+    the video mirrored so each object moves another way (left <-> right; where every object moves
+    straight up or down, upside down instead, which also turns a triangle over)."""
+    from .data import PALETTE
+
+    video = item["video"]
+    bg = BACKGROUNDS[item["background"]]
+    only_bg = np.empty_like(video)
+    only_bg[:] = bg
+    recolour = video.copy()
+    named = [o.color for o in item["objects"]]
+    spare = [c for c in PALETTE if c not in named]
+    for c, other in zip(named, spare):
+        recolour[(video == PALETTE[c]).all(-1)] = PALETTE[other]
+    vertical = all(o.direction in ("up", "down") for o in item["objects"])
+    wrong_way = video[:, ::-1] if vertical else video[:, :, ::-1]
+    return {"background only": only_bg, "static object (first frame held)": np.repeat(video[:1], len(video), 0),
+            "wrong colour": recolour, "wrong direction": np.ascontiguousarray(wrong_way)}
 
 
 def score_many(videos, captions) -> dict:
@@ -315,7 +355,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             video, _ = pipe(prompt, steps=args.steps, ffe=args.ffe, seed=seed, frames=args.frames)
             rows.append({"prompt": prompt, "seed": seed, **score_video(video, prompt)})
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS + DETAILS}
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS + EXTRA + DETAILS}
     print(f"ToyBench: {args.checkpoint}, {args.steps} step(s){' + FFE' if args.ffe else ''}, "
           f"{len(rows)} videos")
     print(format_table(rows + [{"prompt": "**mean**", "seed": "", **mean}], ["prompt", "seed", *METRICS]))
