@@ -69,46 +69,126 @@ def prefill_cache(step: ChunkStep, cache: KVCache, latents: torch.Tensor, cross_
         cache.append(k, v)
 
 
-@torch.no_grad()
-def generate(step: ChunkStep, context: torch.Tensor, *, num_chunks: int, schedule: Schedule = Schedule(),
-             seed: int = 0, prefill: torch.Tensor | None = None,
-             cache: KVCache | None = None) -> Iterator[torch.Tensor]:
-    """Yield clean latents [B, C, Fc, H, W] chunk by chunk.
+class SeededNoise:
+    """Inference noise: one seeded `torch.Generator`, drawn in loop order (chunk c's initial noise,
+    then its re-noising draws, then chunk c + 1's). The C++ runtime draws in the same order."""
 
-    context: [B, text_len, text_dim] prompt embeddings (encoded once; cross k/v computed once).
-    Each chunk: noise -> `steps` denoising steps (x0 prediction, re-noise to the next sigma)
-    -> yield -> clean pass at timestep 0 writing the chunk's keys/values (not after the last).
-    """
-    cfg = step.config
-    if not isinstance(num_chunks, int) or num_chunks < 1:
+    def __init__(self, seed: int, device):
+        self.gen = torch.Generator(device=device).manual_seed(int(seed))
+        self.device = device
+
+    def initial(self, chunk: int, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen, device=self.device, dtype=torch.float32)
+
+    def renoise(self, chunk: int, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen, device=self.device, dtype=torch.float32)
+
+
+class ChunkNoise(Protocol):
+    """Where the loop's noise comes from: the initial noise of chunk c, then each re-noising draw."""
+
+    def initial(self, chunk: int, shape) -> torch.Tensor: ...
+
+    def renoise(self, chunk: int, shape) -> torch.Tensor: ...
+
+
+def _check_context(cfg: ModelConfig, context: torch.Tensor, num_chunks: int) -> None:
+    if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1:
         raise ValueError(f"num_chunks must be a positive integer; got {num_chunks!r}")
     want = (cfg.text_len, cfg.text_dim)
     if context.ndim != 3 or tuple(context.shape[1:]) != want:
         raise ValueError(f"context must be [B, {want[0]}, {want[1]}] for config {cfg.name!r}; "
                          f"got {list(context.shape)}")
+
+
+def sample_chunks(step: ChunkStep, context: torch.Tensor, *, num_chunks: int, schedule, noise: ChunkNoise,
+                  guidance: float | None = None, exit_steps: list[int] | None = None, grad: bool = False,
+                  prefill: torch.Tensor | None = None, cache: KVCache | None = None) -> Iterator[torch.Tensor]:
+    """THE sampler: every Python path that denoises chunk after chunk calls it (inference
+    `generate`, the training rollout with gradients, the teacher's guided multi-step sampler).
+    Yields clean latents [B, C, Fc, H, W] chunk by chunk.
+
+    schedule: `sigmas_for_chunk(c)` (the chunk's sigmas, then 0) and `stochastic`: True re-noises
+        the x0 prediction with fresh noise to the next sigma (Self-Forcing / ASD students), False
+        takes the Euler step of the flow ODE (the teacher).
+    noise: `initial(c, shape)` and `renoise(c, shape)` draws (`SeededNoise` for inference; the
+        training rollout pre-draws every chunk's initial noise so two rollouts of different step
+        counts start each chunk from the same noise).
+    guidance: classifier-free guidance `v_null + g (v_prompt - v_null)`; the step runs on the
+        batch [prompt; null context (zeros)] with one cache holding both branches' keys.
+    exit_steps: chunk c stops after step `exit_steps[c]` (Self-Forcing's random exit) and yields
+        that step's x0 prediction; default: the last step.
+    grad: the exit step of every chunk carries gradients (its input is detached, as everything
+        before it runs without grad); the clean pass never does, so a plain cache serves.
+    Each chunk ends with the clean pass at timestep 0 writing its keys/values (not after the last).
+    """
+    cfg = step.config
+    _check_context(cfg, context, num_chunks)
     batch = context.shape[0]
     dev, dtype = step.device, step.dtype
-    gen = torch.Generator(device=dev).manual_seed(int(seed))
-    cross_k, cross_v = step.cross_kv(context)
+    fpc = cfg.frames_per_chunk
+    if guidance is not None:
+        context = torch.cat([context, torch.zeros_like(context)])
+    width = context.shape[0]  # batch, or 2 * batch with guidance
+    with torch.set_grad_enabled(grad):
+        cross_k, cross_v = step.cross_kv(context)
     if cache is None:
-        cache = KVCache(cfg, batch, dtype, dev)
+        cache = KVCache(cfg, width, dtype, dev)
     if prefill is not None:
         prefill_cache(step, cache, prefill, cross_k, cross_v)
-    fpc = cfg.frames_per_chunk
+    shape = cfg.chunk_shape(batch)
+
+    def flow_of(x, sigma):
+        xin = x.to(dtype)
+        if guidance is not None:
+            xin = torch.cat([xin, xin])
+        t = torch.full((width, fpc), 1000.0 * sigma, device=dev, dtype=dtype)
+        flow, _, _ = step(xin, t, cross_k, cross_v, cache.k, cache.v, cache.frame_index, cache.cache_len)
+        flow = flow.float()
+        if guidance is not None:
+            cond, null = flow.chunk(2)
+            flow = null + guidance * (cond - null)
+        return flow
+
     for c in range(num_chunks):
-        x = torch.randn(cfg.chunk_shape(batch), generator=gen, device=dev, dtype=torch.float32)
+        x = noise.initial(c, shape)
         sigmas = schedule.sigmas_for_chunk(c)
-        for i, sigma in enumerate(sigmas[:-1]):
-            t = torch.full((batch, fpc), 1000.0 * sigma, device=dev, dtype=dtype)
-            flow, _, _ = step(x.to(dtype), t, cross_k, cross_v, cache.k, cache.v, cache.frame_index,
-                              cache.cache_len)
-            x0 = flow_to_x0(x, flow.float(), sigma)
-            if sigmas[i + 1] > 0:
-                eps = torch.randn(x.shape, generator=gen, device=dev, dtype=torch.float32)
-                x = renoise(x0, eps, sigmas[i + 1])
+        last = len(sigmas) - 2 if exit_steps is None else exit_steps[c]
+        if not 0 <= last <= len(sigmas) - 2:
+            raise ValueError(f"exit step {last} of chunk {c} is not in [0, {len(sigmas) - 2}]")
+        for i in range(last + 1):
+            sigma, nxt = sigmas[i], sigmas[i + 1]
+            with torch.set_grad_enabled(grad and i == last):
+                flow = flow_of(x, sigma)
+                x0 = flow_to_x0(x, flow, sigma)
+            if i < last:
+                if schedule.stochastic:
+                    x = renoise(x0, noise.renoise(c, shape), nxt) if nxt > 0 else x0
+                else:
+                    x = x + (nxt - sigma) * flow
         yield x0
         if c + 1 < num_chunks:
-            t0 = torch.zeros(batch, fpc, device=dev, dtype=dtype)
-            _, k, v = step(x0.to(dtype), t0, cross_k, cross_v, cache.k, cache.v, cache.frame_index,
-                           cache.cache_len)
-            cache.append(k, v)
+            with torch.no_grad():
+                x_clean = x0.detach().to(dtype)
+                if guidance is not None:
+                    x_clean = torch.cat([x_clean, x_clean])
+                t0 = torch.zeros(width, fpc, device=dev, dtype=dtype)
+                _, k, v = step(x_clean, t0, cross_k, cross_v, cache.k, cache.v, cache.frame_index,
+                               cache.cache_len)
+                cache.append(k, v)
+
+
+@torch.no_grad()
+def generate(step: ChunkStep, context: torch.Tensor, *, num_chunks: int, schedule: Schedule = Schedule(),
+             seed: int = 0, prefill: torch.Tensor | None = None,
+             cache: KVCache | None = None) -> Iterator[torch.Tensor]:
+    """Inference: yield clean latents [B, C, Fc, H, W] chunk by chunk (`sample_chunks` with the
+    student's schedule and one seeded generator, no guidance).
+
+    context: [B, text_len, text_dim] prompt embeddings (encoded once; cross k/v computed once).
+    Each chunk: noise -> `steps` denoising steps (x0 prediction, re-noise to the next sigma)
+    -> yield -> clean pass at timestep 0 writing the chunk's keys/values (not after the last).
+    """
+    _check_context(step.config, context, num_chunks)
+    yield from sample_chunks(step, context, num_chunks=num_chunks, schedule=schedule,
+                             noise=SeededNoise(seed, step.device), prefill=prefill, cache=cache)

@@ -42,6 +42,7 @@ class Schedule:
     ffe: bool = False
     ffe_steps: int = 4
     shift: float = 5.0
+    stochastic = True  # the sampler re-noises each x0 prediction with fresh noise (not a field)
 
     def __post_init__(self):
         denoising_timesteps(self.steps)  # validates
@@ -65,6 +66,25 @@ class Schedule:
         return {"steps": self.steps, "ffe": self.ffe, "ffe_steps": self.ffe_steps, "shift": self.shift,
                 "timesteps": {str(k): denoising_timesteps(k, self.shift)
                               for k in sorted({self.steps, self.ffe_steps if self.ffe else self.steps})}}
+
+
+@dataclass(frozen=True)
+class EulerSchedule:
+    """The teacher's sampler: `steps` Euler steps of the flow ODE per chunk, from sigma 1 to 0 on
+    the shifted table (sigma_i = shift_sigma(1 - i / steps))."""
+    steps: int = 20
+    shift: float = 5.0
+    stochastic = False
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer; got {self.steps!r}")
+
+    def sigmas_for_chunk(self, chunk: int) -> list[float]:
+        return [shift_sigma(1 - i / self.steps, self.shift) for i in range(self.steps)] + [0.0]
+
+    def describe(self) -> str:
+        return f"{self.steps}-step Euler"
 
 
 def flow_to_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: float) -> torch.Tensor:

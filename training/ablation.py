@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from asd_deploy.cache import KVCache
 from asd_deploy.checkpoint import atomic_write, load_checkpoint
 from asd_deploy.config import ModelConfig
-from asd_deploy.generator import EagerStep, generate
-from asd_deploy.schedule import Schedule, shift_sigma
+from asd_deploy.generator import EagerStep, SeededNoise, generate, sample_chunks
+from asd_deploy.schedule import EulerSchedule, Schedule
 from asd_deploy.text import load_text_encoder
 from asd_deploy.vae import VideoVAE, to_uint8_frames
 
@@ -35,28 +34,10 @@ from .data import eval_prompts
 def sample_teacher(step: EagerStep, context: torch.Tensor, num_chunks: int, steps: int = 20,
                    guidance: float = 3.0, shift: float = 5.0, seed: int = 0) -> torch.Tensor:
     """Latents [B, C, 3 * num_chunks, h, w]: per chunk, `steps` Euler steps of the guided flow
-    v = v(null) + g * (v(prompt) - v(null)) from sigma 1 to 0, then a clean pass into each branch's cache."""
-    cfg = step.config
-    b = context.shape[0]
-    gen = torch.Generator().manual_seed(int(seed))
-    branches = []
-    for ctx in (context, torch.zeros_like(context)):
-        ck, cv = step.cross_kv(ctx)
-        branches.append((ck, cv, KVCache(cfg, b, step.dtype, step.device)))
-    sigmas = [shift_sigma(1 - i / steps, shift) for i in range(steps)] + [0.0]
-    out = []
-    for _ in range(num_chunks):
-        x = torch.randn(cfg.chunk_shape(b), generator=gen)
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            t = torch.full((b, cfg.frames_per_chunk), 1000.0 * s)
-            (vc, _, _), (vu, _, _) = [step(x, t, ck, cv, c.k, c.v, c.frame_index, c.cache_len) for ck, cv, c in branches]
-            x = x + (s_next - s) * (vu + guidance * (vc - vu))
-        out.append(x)
-        t0 = torch.zeros(b, cfg.frames_per_chunk)
-        for ck, cv, c in branches:
-            _, k, v = step(x, t0, ck, cv, c.k, c.v, c.frame_index, c.cache_len)
-            c.append(k, v)
-    return torch.cat(out, dim=2)
+    v = v(null) + g * (v(prompt) - v(null)) from sigma 1 to 0, then the clean pass into both
+    branches' caches (`sample_chunks` with an `EulerSchedule`)."""
+    return torch.cat(list(sample_chunks(step, context, num_chunks=num_chunks, schedule=EulerSchedule(steps, shift),
+                                        noise=SeededNoise(seed, step.device), guidance=guidance)), dim=2)
 
 
 def evaluate_row(name: str, sample, vae: VideoVAE, contexts: torch.Tensor, prompts: list[str],

@@ -22,9 +22,10 @@ import hashlib
 import torch
 from torch import nn
 
-from asd_deploy.cache import KVCache, attention_mask, chunk_visible
+from asd_deploy.cache import attention_mask, chunk_visible
+from asd_deploy.generator import sample_chunks
 from asd_deploy.model import CausalWanDiT
-from asd_deploy.schedule import denoising_timesteps, renoise
+from asd_deploy.schedule import Schedule
 
 # ---------------------------------------------------------------------------------------------
 # randomness
@@ -159,46 +160,49 @@ def teacher_forcing_inputs(x0, x_t, t_frames):
 # ---------------------------------------------------------------------------------------------
 
 
+class _NetStep:
+    """A TrainNet behind the chunk-step protocol of `asd_deploy.generator` (FSDP2 hooks `step`
+    and `cross_kv`, so the sampler calls those, never the bare model)."""
+
+    def __init__(self, net: TrainNet, device):
+        self.net, self.config = net, net.config
+        self.dtype, self.device = torch.float32, torch.device(device)
+
+    def cross_kv(self, context):
+        return self.net.cross_kv(context)
+
+    def __call__(self, *args):
+        return self.net.step(*args)
+
+
+class RolloutNoise:
+    """The rollout's noise: every chunk's initial noise drawn first ([B, n, C, Fc, H, W]), then the
+    re-noising draws in loop order, so two rollouts from equal `BatchNoise` seeds start every
+    chunk from the same noise whatever their step counts (ASD's x_n and x_{n+1})."""
+
+    def __init__(self, noise: BatchNoise, batch: int, num_chunks: int, config):
+        self.noise = noise
+        self.init = noise.randn(batch, num_chunks, *config.chunk_shape()[1:])
+
+    def initial(self, chunk: int, shape) -> torch.Tensor:
+        return self.init[:, chunk]
+
+    def renoise(self, chunk: int, shape) -> torch.Tensor:
+        return self.noise.randn(shape[0], *shape[1:])
+
+
 def rollout(net: TrainNet, context: torch.Tensor, num_chunks: int, steps: int, noise: BatchNoise,
             exit_steps: list[int] | None = None, grad: bool = False) -> torch.Tensor:
-    """The student generates `num_chunks` chunks with its own KV cache -> x0 [B, C, n*Fc, H, W].
-
-    Each chunk starts from noise and runs the `steps`-step schedule of inference; chunk c stops
-    at step `exit_steps[c]` (default: the last) and outputs that step's x0 prediction (Self-
-    Forcing). With `grad`, that one step carries gradients (its input is detached); every other
-    step and the clean pass (t = 0, writing the chunk's keys/values) run without grad, as in
-    Self-Forcing, so the cache never needs gradients and a plain `KVCache` serves.
-
-    Noise order: the initial noise of all chunks first, then the re-noising draws, so two
-    rollouts from equal `BatchNoise` seeds start every chunk from the same noise whatever their
-    step counts (ASD's x_n and x_{n+1})."""
-    cfg = net.config
-    batch, fpc = context.shape[0], cfg.frames_per_chunk
-    sigmas = [t / 1000.0 for t in denoising_timesteps(steps)] + [0.0]
-    exits = [steps - 1] * num_chunks if exit_steps is None else list(exit_steps)
-    if len(exits) != num_chunks or any(not 0 <= e < steps for e in exits):
+    """The student generates `num_chunks` chunks with its own KV cache -> x0 [B, C, n*Fc, H, W]:
+    `asd_deploy.generator.sample_chunks` (the inference sampler) with the `steps`-step schedule,
+    chunk c stopping at step `exit_steps[c]` (default: the last) and yielding that step's x0
+    prediction (Self-Forcing). With `grad`, that one step carries gradients; every other step and
+    the clean pass run without grad, as in Self-Forcing, so the cache never needs gradients."""
+    exits = None if exit_steps is None else list(exit_steps)
+    if exits is not None and (len(exits) != num_chunks or any(not 0 <= e < steps for e in exits)):
         raise ValueError(f"exit_steps must be {num_chunks} indices in [0, {steps}); got {exits}")
-    init = noise.randn(batch, num_chunks, *cfg.chunk_shape()[1:])  # [B, n, C, Fc, H, W]
-    device = context.device
-    with torch.set_grad_enabled(grad):
-        cross_k, cross_v = net.cross_kv(context)
-    cache = KVCache(cfg, batch, dtype=torch.float32, device=device)
-    outputs = []
-    for c in range(num_chunks):
-        x = init[:, c]
-        for k in range(exits[c] + 1):
-            t = torch.full((batch, fpc), 1000.0 * sigmas[k], device=device)
-            with torch.set_grad_enabled(grad and k == exits[c]):
-                flow, _, _ = net.step(x, t, cross_k, cross_v, cache.k, cache.v, cache.frame_index,
-                                      cache.cache_len)
-                x0 = x - sigmas[k] * flow.float()
-            if k < exits[c]:
-                x = renoise(x0, noise.randn(batch, *x0.shape[1:]), sigmas[k + 1])
-        outputs.append(x0)
-        if c + 1 < num_chunks:
-            with torch.no_grad():
-                t0 = torch.zeros(batch, fpc, device=device)
-                _, k_new, v_new = net.step(x0.detach(), t0, cross_k, cross_v, cache.k, cache.v,
-                                           cache.frame_index, cache.cache_len)
-                cache.append(k_new, v_new)
-    return torch.cat(outputs, dim=2)
+    chunks = sample_chunks(_NetStep(net, context.device), context, num_chunks=num_chunks,
+                           schedule=Schedule(steps=steps), noise=RolloutNoise(noise, context.shape[0],
+                                                                              num_chunks, net.config),
+                           exit_steps=exits, grad=grad)
+    return torch.cat(list(chunks), dim=2)
