@@ -287,9 +287,14 @@ class CausalWanDiT(nn.Module):
         h, e = self.hidden_states(x, t, context, mask, positions)
         return self.unpatchify(self.head(h, e), frames)
 
-    def hidden_states(self, x, t, context, mask, positions=None, upto: int | None = None):
+    def hidden_states(self, x, t, context, mask, positions=None, upto: int | None = None,
+                      collect: tuple[int, ...] = ()):
         """The blocks' output [B, F*HW, dim] (after block `upto`, default the last) and the
-        head's time embedding e [B, F, dim]; arguments as `forward_train`, mask as given."""
+        head's time embedding e [B, F, dim]; arguments as `forward_train`, mask as given. With
+        `collect`, the first item is instead the list of those blocks' outputs (running up to the
+        deepest one): what a discriminator on several depths reads."""
+        if collect:
+            upto = max(collect)
         self._check_latents(x, t)
         frames = x.shape[2]
         if positions is None:
@@ -300,9 +305,12 @@ class CausalWanDiT(nn.Module):
         e, e0 = self.time_embed(t)
         cos, sin = rope_tables(self.config, positions)
         h = self.patchify(x)
+        outs = []
         for i, blk in enumerate(self.blocks[:None if upto is None else upto + 1]):
             h, _, _ = blk(h, e0, cos, sin, cross_k[i], cross_v[i], mask)
-        return h, e
+            if i in collect:
+                outs.append(h)
+        return (outs if collect else h), e
 
     # ---- entry point 2: one chunk against the static cache ------------------------------------
     def forward_step(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len):

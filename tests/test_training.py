@@ -2,6 +2,7 @@
 
 All at the `micro` preset (the tiny model at 32x32 pixels: 4 tokens per latent frame), fp32, CPU.
 """
+import dataclasses
 import json
 
 import pytest
@@ -56,8 +57,8 @@ def _nets(cfg, alpha=None):
         m.load_state_dict(init)
         return TrainNet(m).train(trainable).requires_grad_(trainable)
 
-    disc = L.DiscHead(mcfg.dim, cfg.distill.disc_hidden, cfg.distill.asd_max_steps, seed=1)
-    return L.DistillNets(net(True), net(True), net(False), disc, cfg.disc_layer())
+    disc = L.DiscHead(mcfg.dim * len(cfg.disc_layers()), cfg.distill.disc_hidden, cfg.distill.asd_max_steps, seed=1)
+    return L.DistillNets(net(True), net(True), net(False), disc, cfg.disc_layers())
 
 
 def _grads(module):
@@ -106,6 +107,7 @@ def test_teacher_forcing_equals_denoising_against_a_clean_cache():
             flow, _, _ = net.step(noisy[:, :, sl], t_frames[:, sl], ck, cv, cache.k, cache.v, cache.frame_index,
                                   cache.cache_len)
             assert_close(tf[:, :, sl], flow, 1e-5, f"chunk {c}")
+            assert_close(net.score(noisy, t_frames, ctx, clean)[:, :, sl], flow, 1e-5, f"score, chunk {c}")
             _, k, v = net.step(clean[:, :, sl], torch.zeros(2, fpc), ck, cv, cache.k, cache.v, cache.frame_index,
                                cache.cache_len)
             cache.append(k, v)
@@ -174,28 +176,36 @@ def test_generator_loss_reaches_only_the_generator(cfg):
     _assert_no_grads(nets.disc, "discriminator")
 
 
-def test_asd_surrogate_gradient_equals_backprop_through_the_critic(cfg):
+@pytest.mark.parametrize("layout, features, layers", [("causal", "pooled", ()), ("teacher_forcing", "tokens", (0, 1))])
+def test_asd_surrogate_gradient_equals_backprop_through_the_critic(cfg, layout, features, layers):
     """<x_n, dL_G/dx_n> gives the generator exactly the gradient of L_G backpropagated through
-    critic and D (which that direct path would also, wrongly, accumulate into them)."""
-    from training.losses import add_noise, asd_pair, rpgan_g_loss, _score_timesteps
+    critic and D (which that direct path would also, wrongly, accumulate into them); in either
+    scoring layout, pooled or per-token D, one block or several."""
+    from training.losses import _clean, add_noise, asd_pair, rpgan_g_loss, _score_timesteps
+    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, score_layout=layout,
+                                                               disc_features=features, disc_layers=layers))
     ctx, d = _ctx(cfg.model_config(), 2), cfg.distill
+    fpc, tokens = cfg.model_config().frames_per_chunk, features == "tokens"
+
+    def feats(nets, x, t, clean):
+        return nets.critic.features(x, t, ctx, nets.disc_layers, tokens=tokens, clean=clean)
 
     def direct(nets):
         noise = StepRandom(0, 0).stream("x")
         n, x_n, x_n1 = asd_pair(nets.generator, ctx, 3, d, noise, grad=True)
-        sigma, eps, t = _score_timesteps(noise, x_n, d)
-        h_f = nets.critic.features(add_noise(x_n, eps, sigma), t, ctx, nets.disc_layer)
-        h_r = nets.critic.features(add_noise(x_n1, eps, sigma), t, ctx, nets.disc_layer).detach()
+        sigma, eps, t = _score_timesteps(noise, x_n, d, fpc)
+        h_f = feats(nets, add_noise(x_n, eps, sigma), t, _clean(x_n, d))
+        h_r = feats(nets, add_noise(x_n1, eps, sigma), t, _clean(x_n1, d)).detach()
         return rpgan_g_loss(nets.disc(h_f, n), nets.disc(h_r, n))
 
     def surrogate(nets):
         noise = StepRandom(0, 0).stream("x")
         n, x_n, x_n1 = asd_pair(nets.generator, ctx, 3, d, noise, grad=True)
-        sigma, eps, t = _score_timesteps(noise, x_n, d)
+        sigma, eps, t = _score_timesteps(noise, x_n, d, fpc)
         leaf = x_n.detach().requires_grad_()
-        h_f = nets.critic.features(add_noise(leaf, eps, sigma), t, ctx, nets.disc_layer)
+        h_f = feats(nets, add_noise(leaf, eps, sigma), t, _clean(leaf, d))
         with torch.no_grad():
-            h_r = nets.critic.features(add_noise(x_n1, eps, sigma), t, ctx, nets.disc_layer)
+            h_r = feats(nets, add_noise(x_n1, eps, sigma), t, _clean(x_n1, d))
         (g,) = torch.autograd.grad(rpgan_g_loss(nets.disc(h_f, n), nets.disc(h_r, n)), leaf)
         return (x_n * g).sum()
 
@@ -261,7 +271,7 @@ def test_critic_flow_loss_decreases_on_fixed_data(cfg, mcfg):
     with torch.no_grad():
         x = rollout(nets.generator, _ctx(mcfg, 2), 3, 2, BatchNoise(0))
     noise = BatchNoise(1)
-    sigma, eps, t = L._score_timesteps(noise, x, cfg.distill)
+    sigma, eps, t = L._score_timesteps(noise, x, cfg.distill, mcfg.frames_per_chunk)
     x_t, ctx = L.add_noise(x, eps, sigma), _ctx(mcfg, 2)
     opt = torch.optim.Adam(nets.critic.parameters(), lr=1e-3)
     losses = []
@@ -326,6 +336,35 @@ def test_resume_continues_identically(tmp_path, stage):
     assert sorted(p.name for p in b.glob("train_state_*.pt")) == ["train_state_00000004.pt"]
 
 
+def test_distill_options_resume_identically_and_delay_the_ema(tmp_path):
+    """The teacher-forcing score layout, a per-token D on two blocks, one exit per video and an
+    EMA that starts at the 2nd generator update: resumable exactly; the EMA is absent before it
+    starts (the checkpoint then serves the generator) and present after."""
+    args = ["--config", "micro", "--stage", "distill", "--no-progress", "--set", 'distill.teacher="random"',
+            "--set", "distill.ema_start=2", "--set", 'distill.score_layout="teacher_forcing"',
+            "--set", 'distill.disc_features="tokens"', "--set", "distill.disc_layers=[0, 1]",
+            "--set", "distill.same_exit=true"]
+    main(args + ["--out", str(tmp_path / "a"), "--steps", "4"])
+    main(args + ["--out", str(tmp_path / "b"), "--steps", "2"])
+    assert "generator_ema" not in _ckpt(tmp_path / "b" / "distill" / "checkpoint.pt")  # 1 update so far
+    main(args + ["--out", str(tmp_path / "b"), "--steps", "4", "--resume"])
+    a, b = _ckpt(tmp_path / "a" / "distill" / "checkpoint.pt"), _ckpt(tmp_path / "b" / "distill" / "checkpoint.pt")
+    _assert_same_checkpoint(a, b)
+    # started at the 2nd update (step 2) as a copy, never updated since: equal to the generator then
+    assert "generator_ema" in a
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_exit_steps_per_chunk_or_per_video(monkeypatch, same):
+    seen = []
+    monkeypatch.setattr(L, "rollout", lambda net, ctx, n, steps, noise, exits, grad: seen.append(exits))
+    d = TrainConfig.load("micro", [f"distill.same_exit={str(same).lower()}"]).distill
+    for seed in range(20):
+        L.dmd_rollout(None, None, 3, d, BatchNoise(seed), grad=False)
+    uniform = [len(set(e)) == 1 for e in seen]
+    assert all(uniform) if same else not all(uniform), seen
+
+
 def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_to_overwrite(tmp_path):
     args = ["--config", "micro", "--stage", "teacher", "--no-progress", "--out", str(tmp_path), "--steps", "1"]
     main(args)
@@ -371,11 +410,11 @@ def test_asd_pair_renoising_has_its_own_shift():
     sigmas keep `timestep_shift`; None falls back to it."""
     d = TrainConfig.load("micro", ["distill.timestep_shift=5", "distill.asd_timestep_shift=1"]).distill
     x = torch.zeros(4000, 1, 1, 1, 1)
-    dmd, _, _ = L._score_timesteps(BatchNoise(3), x, d)
-    asd, _, _ = L._score_timesteps(BatchNoise(3), x, d, asd=True)
+    dmd, _, _ = L._score_timesteps(BatchNoise(3), x, d, 1)
+    asd, _, _ = L._score_timesteps(BatchNoise(3), x, d, 1, asd=True)
     assert dmd.median() > 0.75 and 0.4 < asd.median() < 0.6  # shift 5 vs shift 1 (uniform) medians
     fallback = TrainConfig.load("micro", ["distill.timestep_shift=5"]).distill
-    assert torch.equal(L._score_timesteps(BatchNoise(3), x, fallback, asd=True)[0], dmd)
+    assert torch.equal(L._score_timesteps(BatchNoise(3), x, fallback, 1, asd=True)[0], dmd)
 
 
 def test_random_latent_cache_batches(cfg):

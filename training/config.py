@@ -75,12 +75,24 @@ class DistillConfig:
     # At shift 5 most pairs are re-noised past sigma 0.8, where a ~20% difference between n- and
     # (n+1)-step samples is mostly buried in noise. (Alone it did not let D learn; see r1_gamma.)
     disc_layer: int | None = None  # critic block whose pooled output feeds D; None: (layers - 1) // 2
+    disc_layers: tuple[int, ...] = ()  # several critic blocks (features concatenated); overrides disc_layer
+    disc_features: str = "pooled"  # "pooled": D reads the mean over tokens; "tokens": D scores every
+    # token and averages the logits (a patch discriminator: what separates an n- from an (n+1)-step
+    # sample is local detail, which a mean over tokens washes out)
     disc_hidden: int = 256
     r1_gamma: float = 1.0         # R1 on the "real" (n+1)-step features: gamma / 2 * E|grad D|^2
     r2_gamma: float = 1.0         # R2 on the "fake" n-step features
     # (training/configs/default.json uses 0.01 for both: at 1.0 the tiny head's logits stayed within
     #  0.0025 of each other and its loss at ln 2 for 5000 steps; at 0.01 it separates the pair, seen here)
     ema_decay: float = 0.99
+    ema_start: int = 0            # generator updates before the EMA starts (as a copy of the generator);
+    # Self-Forcing starts it at 200, so the shipped EMA holds no teacher weights
+    score_layout: str = "causal"  # how the teacher and the critic see a generated video when scoring it:
+    # "causal": the whole video evenly noised under the block-causal mask (Self-Forcing, whose
+    # teacher is bidirectional Wan); "teacher_forcing": [clean generated chunks, noisy chunks] with
+    # each noisy chunk seeing the clean earlier ones, the layout our teacher is trained on and the
+    # one inference runs (a cache of clean keys); each chunk then gets its own noise level
+    same_exit: bool = False       # one exit step per video (Self-Forcing) instead of one per chunk
 
 
 @dataclass
@@ -128,8 +140,15 @@ class TrainConfig:
             if not 0 <= decay < 1:
                 bad(f"{what}.ema_decay={decay} must be in [0, 1)")
         mcfg = self.model_config()
-        if d.disc_layer is not None and not 0 <= d.disc_layer < mcfg.num_layers:
-            bad(f"distill.disc_layer={d.disc_layer}; the model has {mcfg.num_layers} blocks")
+        for layer in ((d.disc_layer,) if d.disc_layer is not None else ()) + tuple(d.disc_layers):
+            if not 0 <= layer < mcfg.num_layers:
+                bad(f"distill disc layer {layer}; the model has {mcfg.num_layers} blocks (0..{mcfg.num_layers - 1})")
+        if d.disc_features not in ("pooled", "tokens"):
+            bad(f"distill.disc_features={d.disc_features!r}; valid: 'pooled', 'tokens'")
+        if d.score_layout not in ("causal", "teacher_forcing"):
+            bad(f"distill.score_layout={d.score_layout!r}; valid: 'causal', 'teacher_forcing'")
+        if d.ema_start < 0:
+            bad(f"distill.ema_start={d.ema_start} must be >= 0")
 
     # ---- derived ---------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -138,9 +157,12 @@ class TrainConfig:
     def stages(self) -> tuple[str, ...]:
         return STAGES if self.stage == "all" else (self.stage,)
 
-    def disc_layer(self) -> int:
-        return self.distill.disc_layer if self.distill.disc_layer is not None else \
-            (self.model_config().num_layers - 1) // 2
+    def disc_layers(self) -> tuple[int, ...]:
+        """The critic blocks whose outputs feed the discriminator."""
+        d = self.distill
+        if d.disc_layers:
+            return tuple(d.disc_layers)
+        return (d.disc_layer if d.disc_layer is not None else (self.model_config().num_layers - 1) // 2,)
 
     # ---- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -85,7 +85,8 @@ def gradient_penalty(d_out: torch.Tensor, d_in: torch.Tensor) -> torch.Tensor:
 
 
 class DiscHead(nn.Module):
-    """ASD discriminator: D_n(h) for n = 1..N from pooled critic features h [B, dim] -> [B]."""
+    """ASD discriminator: D_n(h) for n = 1..N -> [B]. h: pooled critic features [B, dim], or
+    per-token features [B, T, dim] (each token scored, the logits averaged: a patch discriminator)."""
 
     def __init__(self, dim: int, hidden: int, num_steps: int, seed: int = 0):
         super().__init__()
@@ -96,7 +97,8 @@ class DiscHead(nn.Module):
                                      nn.Linear(hidden, num_steps, bias=False))
 
     def forward(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        return self.net(h.float())[:, n - 1]
+        logits = self.net(h.float())[..., n - 1]
+        return logits.mean(dim=1) if logits.ndim == 2 else logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,14 +140,18 @@ class DistillNets:
     critic: TrainNet        # the fake score; its backbone also feeds the discriminator
     teacher: TrainNet       # the real score, frozen
     disc: DiscHead
-    disc_layer: int
+    disc_layers: tuple[int, ...]
 
 
 def dmd_rollout(gen: TrainNet, context, num_chunks: int, cfg: DistillConfig, noise: BatchNoise, grad: bool):
-    """Self-Forcing's training rollout: a step count from `cfg.dmd_steps`, one exit step per
-    chunk (same on all ranks); the exit step carries gradients when `grad`."""
+    """Self-Forcing's training rollout: a step count from `cfg.dmd_steps`, an exit step per chunk
+    (or one per video with `cfg.same_exit`; the same on all ranks); the exit step carries
+    gradients when `grad`."""
     steps = cfg.dmd_steps[noise.randint(0, len(cfg.dmd_steps) - 1)]
-    exits = [noise.randint(0, steps - 1) for _ in range(num_chunks)]
+    if cfg.same_exit:
+        exits = [noise.randint(0, steps - 1)] * num_chunks
+    else:
+        exits = [noise.randint(0, steps - 1) for _ in range(num_chunks)]
     x = rollout(gen, context, num_chunks, steps, noise.child(), exits, grad)
     return x, {"dmd_steps": steps, "dmd_exit": sum(exits) / len(exits)}
 
@@ -161,34 +167,50 @@ def asd_pair(gen: TrainNet, context, num_chunks: int, cfg: DistillConfig, noise:
     return n, x_n, x_n1
 
 
-def _score_timesteps(noise: BatchNoise, x: torch.Tensor, cfg: DistillConfig, asd: bool = False):
-    """Per-sample sigma [B] (uniform, shifted, clamped), eps like x, and t [B, F] for the network.
-    `asd`: the re-noising of the n / n+1 pair, with its own shift (`cfg.asd_timestep_shift`)."""
-    b = x.shape[0]
+def _score_timesteps(noise: BatchNoise, x: torch.Tensor, cfg: DistillConfig, fpc: int, asd: bool = False):
+    """sigma (uniform, shifted, clamped), eps like x, and t [B, F] for the network. sigma is per
+    sample [B] in the causal layout, per chunk [B, F] (repeated over a chunk's frames) in the
+    teacher-forcing layout, where chunks are scored independently. `asd`: the re-noising of the
+    n / n+1 pair, with its own shift (`cfg.asd_timestep_shift`)."""
+    b, frames = x.shape[0], x.shape[2]
     shift = cfg.asd_timestep_shift if asd and cfg.asd_timestep_shift is not None else cfg.timestep_shift
-    sigma = sample_sigmas(noise, b, shift=shift, min_t=cfg.min_timestep, max_t=cfg.max_timestep)
+    per_chunk = (frames // fpc,) if cfg.score_layout == "teacher_forcing" else ()
+    sigma = sample_sigmas(noise, b, *per_chunk, shift=shift, min_t=cfg.min_timestep, max_t=cfg.max_timestep)
+    if per_chunk:
+        sigma = sigma.repeat_interleave(fpc, 1)
     eps = noise.randn(b, *x.shape[1:])
-    t = (1000.0 * sigma)[:, None].expand(b, x.shape[2]).contiguous()
-    return sigma, eps, t
+    t = (1000.0 * sigma)[:, None].expand(b, frames) if sigma.ndim == 1 else 1000.0 * sigma
+    return sigma, eps, t.contiguous()
+
+
+def _clean(x: torch.Tensor, cfg: DistillConfig):
+    """The clean context of the teacher-forcing layout (None in the causal layout)."""
+    return x if cfg.score_layout == "teacher_forcing" else None
+
+
+def _features(nets: DistillNets, x_t, t, context, cfg: DistillConfig, clean):
+    return nets.critic.features(x_t, t, context, nets.disc_layers, tokens=cfg.disc_features == "tokens",
+                                clean=clean)
 
 
 def critic_losses(nets: DistillNets, context, cfg: DistillConfig, num_chunks: int, rnd: StepRandom):
     """(critic flow loss, discriminator loss or None, logs). Generator samples are drawn without
     grad; D reads critic features computed without grad, so each loss reaches one module."""
     noise = rnd.stream("critic")
+    fpc = nets.generator.config.frames_per_chunk
     with torch.no_grad():
         x, _ = dmd_rollout(nets.generator, context, num_chunks, cfg, noise, grad=False)
-    sigma, eps, t = _score_timesteps(noise, x, cfg)
-    pred = nets.critic(add_noise(x, eps, sigma), t, context)
+    sigma, eps, t = _score_timesteps(noise, x, cfg, fpc)
+    pred = nets.critic.score(add_noise(x, eps, sigma), t, context, _clean(x, cfg))
     flow_loss = flow_matching_loss(pred, x, eps)
     logs = {"loss_critic": flow_loss.detach()}
     if cfg.alpha <= 0:
         return flow_loss, None, logs
     n, x_n, x_n1 = asd_pair(nets.generator, context, num_chunks, cfg, noise, grad=False)
-    sigma, eps, t = _score_timesteps(noise, x_n, cfg, asd=True)
+    sigma, eps, t = _score_timesteps(noise, x_n, cfg, fpc, asd=True)
     with torch.no_grad():
-        h_fake = nets.critic.features(add_noise(x_n, eps, sigma), t, context, nets.disc_layer)
-        h_real = nets.critic.features(add_noise(x_n1, eps, sigma), t, context, nets.disc_layer)
+        h_fake = _features(nets, add_noise(x_n, eps, sigma), t, context, cfg, _clean(x_n, cfg))
+        h_real = _features(nets, add_noise(x_n1, eps, sigma), t, context, cfg, _clean(x_n1, cfg))
     h_fake.requires_grad_(True)
     h_real.requires_grad_(True)
     d_fake, d_real = nets.disc(h_fake, n), nets.disc(h_real, n)
@@ -203,14 +225,18 @@ def critic_losses(nets: DistillNets, context, cfg: DistillConfig, num_chunks: in
 def generator_loss(nets: DistillNets, context, cfg: DistillConfig, num_chunks: int, rnd: StepRandom):
     """L_DMD + alpha * L_ASD for the generator; (loss, logs)."""
     noise = rnd.stream("generator")
+    fpc = nets.generator.config.frames_per_chunk
     x, logs = dmd_rollout(nets.generator, context, num_chunks, cfg, noise, grad=True)
-    sigma, eps, t = _score_timesteps(noise, x, cfg)
+    sigma, eps, t = _score_timesteps(noise, x, cfg, fpc)
     s = _bcast(sigma)
     with torch.no_grad():
-        x_t = add_noise(x.detach(), eps, sigma)
-        fake_x0 = x_t - s * nets.critic(x_t, t, context).float()
-        both = nets.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                            torch.cat([context, torch.zeros_like(context)])).float()
+        xd = x.detach()
+        x_t = add_noise(xd, eps, sigma)
+        clean = _clean(xd, cfg)
+        fake_x0 = x_t - s * nets.critic.score(x_t, t, context, clean).float()
+        both = nets.teacher.score(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                  torch.cat([context, torch.zeros_like(context)]),
+                                  None if clean is None else torch.cat([clean, clean])).float()
         cond, uncond = both.chunk(2)
         real_x0 = x_t - s * (uncond + cfg.guidance_scale * (cond - uncond))
     l_dmd, grad_mag = dmd_loss(x, fake_x0, real_x0)
@@ -218,13 +244,16 @@ def generator_loss(nets: DistillNets, context, cfg: DistillConfig, num_chunks: i
     logs = {**logs, "loss_dmd": l_dmd.detach(), "dmd_grad": grad_mag}
     if cfg.alpha > 0:
         n, x_n, x_n1 = asd_pair(nets.generator, context, num_chunks, cfg, noise, grad=True)
-        sigma, eps, t = _score_timesteps(noise, x_n, cfg, asd=True)
+        sigma, eps, t = _score_timesteps(noise, x_n, cfg, fpc, asd=True)
         leaf = x_n.detach().requires_grad_(True)
-        h_fake = nets.critic.features(add_noise(leaf, eps, sigma), t, context, nets.disc_layer)
+        h_fake = _features(nets, add_noise(leaf, eps, sigma), t, context, cfg, _clean(leaf, cfg))
         with torch.no_grad():
-            h_real = nets.critic.features(add_noise(x_n1, eps, sigma), t, context, nets.disc_layer)
+            h_real = _features(nets, add_noise(x_n1, eps, sigma), t, context, cfg, _clean(x_n1, cfg))
         l_asd = rpgan_g_loss(nets.disc(h_fake, n), nets.disc(h_real, n))
         (g,) = torch.autograd.grad(l_asd, leaf)  # reaches x_n only: no critic / D parameter grads
         loss = loss + cfg.alpha * (x_n.float() * g.float()).sum()
-        logs.update(loss_asd=l_asd.detach(), asd_n=n)
+        # the two terms' gradient norms on the sample, DMD's estimated from its mean |grad| (alpha does
+        # not transfer across model sizes: DMD is divided by the element count, ASD is a batch mean)
+        logs.update(loss_asd=l_asd.detach(), asd_n=n,
+                    asd_grad_ratio=(cfg.alpha * g.float().norm()) / (grad_mag * x.numel() ** 0.5 / x.numel() + 1e-12))
     return loss, logs

@@ -102,13 +102,34 @@ class TrainNet(nn.Module):
             raise ValueError("forward with explicit positions needs an explicit mask")
         return self.model.forward_train(x, t, context, mask, positions)
 
-    def features(self, x, t, context, layer: int):
-        """Mean over tokens of block `layer`'s output, fp32 [B, dim]: what the discriminator reads.
-        Block-causal window mask, as the score networks see a generated video."""
+    def features(self, x, t, context, layers: tuple[int, ...], tokens: bool = False, clean=None):
+        """What the discriminator reads: the outputs of blocks `layers` for the tokens of x,
+        concatenated, fp32 [B, tokens, dim * len(layers)] with `tokens`, else their mean over
+        tokens [B, dim * len(layers)]. Layout as the scores see a generated video (`score`):
+        block-causal over x, or with `clean` teacher forcing behind the clean copy."""
+        cfg = self.config
         frames = x.shape[2]
-        mask = attention_mask(self.config, frames, x.device) if frames > self.config.frames_per_chunk else None
-        h, _ = self.model.hidden_states(x, t, context, mask, upto=layer)
-        return h.float().mean(dim=1)
+        if clean is None:
+            mask = attention_mask(cfg, frames, x.device) if frames > cfg.frames_per_chunk else None
+            hs, _ = self.model.hidden_states(x, t, context, mask, collect=tuple(layers))
+        else:
+            seq, t_seq, positions = teacher_forcing_inputs(clean, x, t)
+            mask = teacher_forcing_mask(cfg, frames // cfg.frames_per_chunk, x.device)
+            hs, _ = self.model.hidden_states(seq, t_seq, context, mask, positions, collect=tuple(layers))
+            hs = [h[:, frames * cfg.tokens_per_frame:] for h in hs]  # the noisy copy's tokens
+        h = torch.cat(hs, dim=-1).float()
+        return h if tokens else h.mean(dim=1)
+
+    def score(self, x_t, t, context, clean=None):
+        """Flow of a noisy generated video x_t [B, C, F, H, W] at timesteps t [B, F]: under the
+        block-causal mask (`clean` None), or teacher-forced behind the clean video `clean` (each
+        noisy chunk sees the clean chunks before it, as inference's cache holds them)."""
+        if clean is None:
+            return self(x_t, t, context)
+        frames = x_t.shape[2]
+        seq, t_seq, positions = teacher_forcing_inputs(clean, x_t, t)
+        mask = teacher_forcing_mask(self.config, frames // self.config.frames_per_chunk, x_t.device)
+        return self(seq, t_seq, context, mask, positions)[:, :, frames:]
 
     def step(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len):
         """`model.forward_step`: one chunk against a static cache (see asd_deploy.model)."""

@@ -270,7 +270,7 @@ class Trainer:
             self.teacher = self._net(init, trainable=False)
             self.generator = self._net(_strip(ckpt["generator"]) if ckpt else init)
             self.critic = self._net(_strip(ckpt["critic"]) if ckpt else init)
-            self.disc = DiscHead(self.mcfg.dim, c.distill.disc_hidden, c.distill.asd_max_steps,
+            self.disc = DiscHead(self.mcfg.dim * len(c.disc_layers()), c.distill.disc_hidden, c.distill.asd_max_steps,
                                  seed=derive_seed(c.seed, "disc") % 2 ** 31).to(self.info.device)
             if ckpt:
                 self.disc.load_state_dict(ckpt["discriminator"])
@@ -279,7 +279,9 @@ class Trainer:
                          "critic": _adamw(self.critic.parameters(), c.distill.critic),
                          "discriminator": _adamw(self.disc.parameters(), c.distill.discriminator)}
             decay = c.distill.ema_decay
-        if decay > 0:
+        self.ema_decay = decay
+        # a delayed EMA (distill.ema_start) exists once started; a checkpoint saved before has none
+        if decay > 0 and (self.stage == "teacher" or c.distill.ema_start == 0 or (ckpt and "generator_ema" in ckpt)):
             self.ema = Ema(self.generator, decay)
             if ckpt and "generator_ema" in ckpt:
                 self.ema.load_full(_strip(ckpt["generator_ema"]))
@@ -288,7 +290,7 @@ class Trainer:
         return self
 
     def nets(self) -> DistillNets:
-        return DistillNets(self.generator, self.critic, self.teacher, self.disc, self.cfg.disc_layer())
+        return DistillNets(self.generator, self.critic, self.teacher, self.disc, self.cfg.disc_layers())
 
     # ---- one step -----------------------------------------------------------------------------
     def _autocast(self):
@@ -325,6 +327,8 @@ class Trainer:
             logs.update(lg, grad_norm_g=self._update("generator", self.generator.parameters(), d.generator.grad_clip))
             if self.ema:
                 self.ema.update(self.generator)
+            elif self.ema_decay > 0 and s // d.critic_ratio + 1 >= d.ema_start:
+                self.ema = Ema(self.generator, self.ema_decay)  # starts as a copy of the generator
         self.opts["critic"].zero_grad(set_to_none=True)
         self.opts["discriminator"].zero_grad(set_to_none=True)
         with self._autocast():
