@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,44 @@ def test_teacher_sampler_one_step_unguided_is_the_one_step_student_loop(tiny_cfg
     assert_close(ours, loop, 1e-5, "teacher sampler (1 step, g=1) vs student loop")
     guided = sample_teacher(step, ctx, num_chunks=4, steps=8, guidance=3.0, seed=5)
     assert guided.shape == loop.shape and (guided - loop).abs().max() > 1e-2
+
+
+def test_bootstrap_interval_and_paired_difference():
+    """The interval holds the mean, shrinks with more prompts, is a point for constant values;
+    a paired difference of a row with itself is exactly 0, and rows of other videos are refused."""
+    from training.ablation import bootstrap_ci, paired_difference
+    rng = np.random.default_rng(0)
+    v = rng.normal(0.5, 0.2, 64)
+    m, lo, hi = bootstrap_ci(v, np.repeat(np.arange(32), 2))
+    assert lo < m < hi and m == pytest.approx(v.mean())
+    v4 = rng.normal(0.5, 0.2, 256)
+    _, lo4, hi4 = bootstrap_ci(v4, np.repeat(np.arange(128), 2))
+    assert hi4 - lo4 < 0.75 * (hi - lo)
+    assert bootstrap_ci(np.full(10, 0.3), np.arange(10))[1:] == pytest.approx((0.3, 0.3))
+    row = {"name": "a", "per_video": [{"prompt": "p", "seed": s, "run": 0, "overall": x} for s, x in enumerate(v)]}
+    d = paired_difference(row, row)
+    assert (d["diff"], d["lo"], d["hi"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same videos"):
+        paired_difference(row, {"name": "b", "per_video": row["per_video"][1:]})
+
+
+def test_ablation_cli_writes_table2_with_intervals(micro_run, tmp_path):
+    """Two 'training seeds' per arm (the same checkpoint twice): the Table 2 rows exist at 1 and 2
+    steps with intervals around their means, the reference rows are there, and ASD - DMD is 0."""
+    ckpt = str(micro_run / "distill" / "checkpoint.pt")
+    out = tmp_path / "abl"
+    r = subprocess.run([sys.executable, "-m", "training.ablation", "--vae", str(micro_run / "vae"), "--dmd", ckpt, ckpt,
+                        "--asd", ckpt, ckpt, "--prompts", "2", "--seeds", "0", "--chunks", "1", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    names = [row["name"] for row in res["rows"]]
+    assert "real videos" in names and "baseline: background only" in names
+    assert len(res["table2"]) == 8 and {t["row"] for t in res["table2"]} == {"neither", "ASD only", "FFE only", "both"}
+    for t in res["table2"]:
+        assert t["lo"] <= t["overall"] <= t["hi"]
+    for row in res["rows"]:
+        if row["name"].startswith("ASD"):
+            assert row["videos"] == 2 * 2 and len(row["per_run"]) == 2
+    assert all(d["diff"] == 0.0 for d in res["differences"]) and len(res["differences"]) == 4
+    assert "| neither | 1 |" in out.with_suffix(".md").read_text()

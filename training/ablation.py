@@ -1,14 +1,23 @@
-"""The toy analogue of the paper's Table 2: teacher vs DMD-only vs ASD students, scored by ToyBench.
+"""The toy analogue of the paper's Table 2: DMD-only vs DMD + ASD students, with and without FFE,
+at 1 and 2 steps, scored by ToyBench with bootstrap confidence intervals.
 
-Owns: `sample_teacher` (the teacher at its multi-step setting: an Euler flow-matching sampler with
-classifier-free guidance, chunk by chunk, with one KV cache per guidance branch), `evaluate_row`
-(generate over the fixed prompt set and seeds, decode, score) and `python -m training.ablation`,
-which writes the table as Markdown and JSON. Does not own the scorer (`toybench.py`), the students'
-sampler (`asd_deploy.generator.generate`) or training.
+Owns: `sample_teacher` (the teacher at its multi-step setting: `sample_chunks` with an Euler
+schedule and classifier-free guidance), the floor and ceiling rows (real videos, real videos
+through the VAE, and `toybench.baselines`), `evaluate_row` (generate over a fixed prompt set x
+seeds, decode, score every video), `bootstrap_ci` and the paired comparison, and
+`python -m training.ablation`, which writes the table as Markdown and JSON. Does not own the
+scorer (`toybench.py`), the sampler (`asd_deploy.generator`) or training.
 
-    python -m training.ablation --teacher out/train/default/teacher/checkpoint.pt \\
-        --dmd out/train/default-dmd/distill/checkpoint.pt --asd out/train/default/distill/checkpoint.pt \\
-        --vae out/vae --out training/reports/ablation
+    python -m training.ablation --config demo --vae out/vae-demo --teacher out/train/demo/teacher/checkpoint.pt \\
+        --dmd out/train/demo-dmd-s0/distill/checkpoint.pt out/train/demo-dmd-s1/distill/checkpoint.pt \\
+        --asd out/train/demo-s0/distill/checkpoint.pt out/train/demo-s1/distill/checkpoint.pt \\
+        --prompts 32 --seeds 0 1 --out training/reports/ablation
+
+Statistics. Every row scores the same prompts x noise seeds (per trained model: a student row
+pools its training seeds). A row's 95% interval resamples prompts with replacement (10 000
+draws; a prompt carries all its videos: seeds and training runs), so it covers the prompt set's
+sampling error; the spread between training seeds is printed beside it. ASD - DMD differences
+are paired: the same prompt, seed and training-seed index on both sides, resampled by prompt.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from asd_deploy.checkpoint import atomic_write, load_checkpoint
@@ -27,7 +37,9 @@ from asd_deploy.text import load_text_encoder
 from asd_deploy.vae import VideoVAE, to_uint8_frames
 
 from . import toybench
-from .data import eval_prompts
+from .data import ProceduralVideos, eval_prompts
+
+BOOTSTRAP = 10_000
 
 
 @torch.no_grad()
@@ -40,90 +52,197 @@ def sample_teacher(step: EagerStep, context: torch.Tensor, num_chunks: int, step
                                         noise=SeededNoise(seed, step.device), guidance=guidance)), dim=2)
 
 
-def evaluate_row(name: str, sample, vae: VideoVAE, contexts: torch.Tensor, prompts: list[str],
-                 seeds: list[int]) -> dict:
-    """`sample(context [1, L, D], seed) -> latents`; decode, score every (prompt, seed) video."""
-    videos, captions, t0 = [], [], time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        for seed in seeds:
-            lat = sample(contexts[i:i + 1], seed)
-            videos.append(to_uint8_frames(vae.decode(lat)))
-            captions.append(prompt)
-    scores = toybench.score_many(videos, captions)
-    return {"name": name, **scores, "videos": len(videos), "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def reconstruction_row(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int, seed: int = 4321) -> dict:
-    """The ceiling any generator can reach through this VAE: real procedural videos (not the eval
-    prompts: the same grammar), encoded and decoded, scored against their own captions."""
-    from .data import ProceduralVideos
-
-    frames = config.pixel_frames_for(num_chunks * config.frames_per_chunk)
-    ds = ProceduralVideos(num_samples=num, seed=seed, height=config.height, width=config.width, frames=frames)
-    videos, captions = [], []
-    for i in range(num):
-        item = ds[i]
-        x = torch.from_numpy(item["video"]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-        videos.append(to_uint8_frames(vae.decode(vae.encode(x))))
-        captions.append(item["caption"])
-    return {"name": "real videos through the VAE (ceiling)", **toybench.score_many(videos, captions),
-            "videos": num, "seconds": 0.0}
-
-
 def student_sampler(model, schedule: Schedule, num_chunks: int):
     step = EagerStep(model)
     return lambda ctx, seed: torch.cat(list(generate(step, ctx, num_chunks=num_chunks, schedule=schedule,
                                                      seed=seed)), dim=2)
 
 
-def run(teacher: Path, students: dict[str, Path], vae: Path, config: ModelConfig, num_prompts: int = 8,
+# ---------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values: np.ndarray, groups: np.ndarray, draws: int = BOOTSTRAP, seed: int = 0):
+    """(mean, lo, hi): the mean of `values` and its 95% interval from resampling whole groups
+    (prompts) with replacement."""
+    values, groups = np.asarray(values, float), np.asarray(groups)
+    keys = np.unique(groups)
+    sums = np.array([values[groups == k].sum() for k in keys])
+    counts = np.array([(groups == k).sum() for k in keys])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(keys), (draws, len(keys)))
+    means = sums[idx].sum(1) / counts[idx].sum(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(values.mean()), float(lo), float(hi)
+
+
+def paired_difference(a: dict, b: dict, metric: str = "overall") -> dict:
+    """b - a on the same videos (prompt, noise seed, training-seed index), CI by prompt."""
+    va, vb = np.array([v[metric] for v in a["per_video"]]), np.array([v[metric] for v in b["per_video"]])
+    keys_a = [(v["prompt"], v["seed"], v["run"]) for v in a["per_video"]]
+    if keys_a != [(v["prompt"], v["seed"], v["run"]) for v in b["per_video"]]:
+        raise ValueError(f"rows {a['name']!r} and {b['name']!r} did not score the same videos")
+    mean, lo, hi = bootstrap_ci(vb - va, np.array([k[0] for k in keys_a]))
+    return {"a": a["name"], "b": b["name"], "metric": metric, "diff": mean, "lo": lo, "hi": hi}
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _summarise(name: str, per_video: list[dict], seconds: float) -> dict:
+    metrics = toybench.METRICS + toybench.EXTRA + toybench.DETAILS
+    row = {"name": name, **{k: float(np.mean([v[k] for v in per_video])) for k in metrics}}
+    mean, lo, hi = bootstrap_ci(np.array([v["overall"] for v in per_video]), np.array([v["prompt"] for v in per_video]))
+    runs = sorted({v["run"] for v in per_video})
+    row.update(overall_lo=lo, overall_hi=hi, videos=len(per_video), seconds=round(seconds, 1),
+               per_run=[float(np.mean([v["overall"] for v in per_video if v["run"] == r])) for r in runs],
+               per_video=per_video)
+    return row
+
+
+def evaluate_row(name: str, samplers: list, vae: VideoVAE, contexts: torch.Tensor, prompts: list[str],
+                 seeds: list[int]) -> dict:
+    """`samplers[r](context [1, L, D], seed) -> latents` for each training run r; decode and score
+    every (run, prompt, seed) video."""
+    per_video, t0 = [], time.perf_counter()
+    for r, sample in enumerate(samplers):
+        for i, prompt in enumerate(prompts):
+            for seed in seeds:
+                video = to_uint8_frames(vae.decode(sample(contexts[i:i + 1], seed)))
+                per_video.append({"prompt": prompt, "seed": seed, "run": r, **toybench.score_video(video, prompt)})
+    return _summarise(name, per_video, time.perf_counter() - t0)
+
+
+def reference_rows(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int, seed: int = 4321) -> list[dict]:
+    """Floor and ceiling: real procedural videos (the same grammar as the prompts), as rendered
+    and through the VAE, and ToyBench's baselines (background only, a held frame, a wrong
+    colour, a wrong direction), each scored against the real caption."""
+    frames = config.pixel_frames_for(num_chunks * config.frames_per_chunk)
+    ds = ProceduralVideos(num_samples=num, seed=seed, height=config.height, width=config.width, frames=frames,
+                          max_objects=2)
+    per: dict[str, list[dict]] = {}
+    for i in range(num):
+        item = ds[i]
+        x = torch.from_numpy(item["video"]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        videos = {"real videos": item["video"],
+                  "real videos through the VAE (ceiling)": to_uint8_frames(vae.decode(vae.encode(x))),
+                  **{f"baseline: {k}": v for k, v in toybench.baselines(item).items()}}
+        for name, video in videos.items():
+            per.setdefault(name, []).append({"prompt": item["caption"], "seed": 0, "run": 0,
+                                             **toybench.score_video(video, item["caption"])})
+    return [_summarise(name, rows, 0.0) for name, rows in per.items()]
+
+
+ROWS = {  # the paper's Table 2 names: (arm, FFE)
+    "neither": ("DMD only", False), "ASD only": ("ASD", False), "FFE only": ("DMD only", True), "both": ("ASD", True)}
+
+
+def run(teacher: Path | None, students: dict[str, list[Path]], vae: Path, config: ModelConfig, num_prompts: int = 32,
         seeds=(0, 1), num_chunks: int = 3, teacher_steps: int = 20, guidance: float = 3.0,
-        text_encoder: str = "default", log=print) -> list[dict]:
+        text_encoder: str = "default", step_counts=(1, 2), log=print) -> dict:
     prompts = eval_prompts(num_prompts)
     enc = load_text_encoder(text_encoder, config.text_len)
     contexts = enc.encode(prompts).float().cpu()
     vae_ = VideoVAE.from_pretrained(vae)
-    rows = [reconstruction_row(vae_, config, len(prompts) * len(seeds), num_chunks)]
-    log(toybench.format_table(rows))
-    t_model = EagerStep(load_checkpoint(teacher, config, prefer="generator_ema"))
-    rows.append(evaluate_row(f"teacher ({teacher_steps} steps, CFG {guidance})", lambda c, s: sample_teacher(
-        t_model, c, num_chunks, teacher_steps, guidance, seed=s), vae_, contexts, prompts, list(seeds)))
-    log(toybench.format_table(rows[-1:]))
-    for label, path in students.items():
-        model = load_checkpoint(path, config, prefer="generator_ema")
-        for steps in (1, 2):
+    rows = reference_rows(vae_, config, num_prompts, num_chunks)
+    for r in rows:
+        log(f"{r['name']}: {r['overall']:.3f}")
+    if teacher is not None:
+        t_model = EagerStep(load_checkpoint(teacher, config, prefer="generator_ema"))
+        rows.append(evaluate_row(f"teacher ({teacher_steps} steps, CFG {guidance})", [lambda c, s: sample_teacher(
+            t_model, c, num_chunks, teacher_steps, guidance, seed=s)], vae_, contexts, prompts, list(seeds)))
+        log(f"{rows[-1]['name']}: {rows[-1]['overall']:.3f}")
+    table2 = {}
+    for arm, paths in students.items():
+        models = [load_checkpoint(p, config, prefer="generator_ema") for p in paths]
+        for steps in step_counts:
             for ffe in (False, True):
                 sched = Schedule(steps=steps, ffe=ffe)
-                rows.append(evaluate_row(f"{label}, {sched.describe()}", student_sampler(model, sched, num_chunks),
-                                         vae_, contexts, prompts, list(seeds)))
-                log(toybench.format_table(rows[-1:]))
-    return rows
+                row = evaluate_row(f"{arm}, {sched.describe()}", [student_sampler(m, sched, num_chunks) for m in models],
+                                   vae_, contexts, prompts, list(seeds))
+                rows.append(row)
+                table2[(arm, steps, ffe)] = row
+                log(f"{row['name']}: {row['overall']:.3f} [{row['overall_lo']:.3f}, {row['overall_hi']:.3f}]")
+    diffs = []
+    if {"DMD only", "ASD"} <= set(students):
+        for steps in step_counts:
+            for ffe in (False, True):
+                d = paired_difference(table2[("DMD only", steps, ffe)], table2[("ASD", steps, ffe)])
+                diffs.append({**d, "steps": steps, "ffe": ffe})
+    return {"rows": rows, "differences": diffs, "table2": [
+        {"row": label, "steps": steps, "overall": table2[(arm, steps, ffe)]["overall"],
+         "lo": table2[(arm, steps, ffe)]["overall_lo"], "hi": table2[(arm, steps, ffe)]["overall_hi"]}
+        for steps in step_counts for label, (arm, ffe) in ROWS.items() if (arm, steps, ffe) in table2]}
+
+
+def to_markdown(result: dict, meta: dict) -> str:
+    cols = ["overall", "adherence", "consistency", "smoothness", "artifact_rate", "stray_rate", "presence",
+            "shape", "motion", "background"]
+    lines = [f"ToyBench, {meta['prompts']} prompts x seeds {meta['seeds']}, {meta['chunks']} chunks; "
+             f"overall with its 95% bootstrap interval over prompts; `runs`: each training seed's mean.", "",
+             "| row | overall [95% CI] | runs | " + " | ".join(cols[1:]) + " | videos |",
+             "|---|---|---|" + "---|" * (len(cols) - 1) + "---|"]
+    for r in result["rows"]:
+        runs = ", ".join(f"{v:.3f}" for v in r["per_run"]) if len(r["per_run"]) > 1 else ""
+        lines.append(f"| {r['name']} | {r['overall']:.3f} [{r['overall_lo']:.3f}, {r['overall_hi']:.3f}] | {runs} | "
+                     + " | ".join(f"{r[c]:.3f}" for c in cols[1:]) + f" | {r['videos']} |")
+    if result["table2"]:
+        lines += ["", "Table 2 layout (overall [95% CI]):", "", "| row | steps | overall |", "|---|---|---|"]
+        lines += [f"| {t['row']} | {t['steps']} | {t['overall']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}] |"
+                  for t in result["table2"]]
+    if result["differences"]:
+        lines += ["", "ASD - DMD only, paired (same prompts, seeds, training-seed index):", "",
+                  "| steps | FFE | difference in overall [95% CI] |", "|---|---|---|"]
+        lines += [f"| {d['steps']} | {'yes' if d['ffe'] else 'no'} | {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] |"
+                  for d in result["differences"]]
+    return "\n".join(lines) + "\n"
+
+
+def model_config(checkpoints: list, preset: str) -> ModelConfig:
+    """The model config the checkpoints were trained with (`training.train` writes it beside
+    each checkpoint); all must agree. Without one, the preset."""
+    found = {}
+    for c in checkpoints:
+        run_cfg = Path(c).parent / "config.json" if c else None
+        if run_cfg is not None and run_cfg.is_file():
+            found[c] = ModelConfig.from_dict(json.loads(run_cfg.read_text())["model"])
+    if len({m.to_json() for m in found.values()}) > 1:
+        raise ValueError(f"the checkpoints were trained with different model configs: {sorted(found)}")
+    return next(iter(found.values())) if found else ModelConfig.preset(preset)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.ablation", description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", required=True, help="teacher checkpoint.pt")
-    p.add_argument("--dmd", help="DMD-only student checkpoint.pt")
-    p.add_argument("--asd", help="ASD student checkpoint.pt")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint.pt (its row is left out without it)")
+    p.add_argument("--dmd", nargs="*", default=[], help="DMD-only student checkpoint.pt, one per training seed")
+    p.add_argument("--asd", nargs="*", default=[], help="ASD student checkpoint.pt, one per training seed")
     p.add_argument("--vae", required=True, help="VAE folder")
-    p.add_argument("--config", default="tiny", help="model config preset of all three")
-    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--config", default="demo",
+                   help="model config preset, for checkpoints without the run's config.json beside them")
+    p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--chunks", type=int, default=3)
     p.add_argument("--teacher-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--out", default="training/reports/ablation", help="writes OUT.md and OUT.json")
     a = p.parse_args(argv)
-    students = {k: Path(v) for k, v in (("DMD only", a.dmd), ("ASD (DMD + alpha L_ASD)", a.asd)) if v}
-    rows = run(Path(a.teacher), students, Path(a.vae), ModelConfig.preset(a.config), a.prompts, a.seeds, a.chunks,
-               a.teacher_steps, a.guidance)
+    for path in [a.teacher, *a.dmd, *a.asd]:
+        if path is not None and not Path(path).is_file():
+            p.error(f"checkpoint {path} does not exist")
+    students = {k: [Path(v) for v in vs] for k, vs in (("DMD only", a.dmd), ("ASD", a.asd)) if vs}
+    result = run(Path(a.teacher) if a.teacher else None, students, Path(a.vae),
+                 model_config([a.teacher, *a.dmd, *a.asd], a.config),
+                 a.prompts, a.seeds, a.chunks, a.teacher_steps, a.guidance)
     out = Path(a.out)
-    table = toybench.format_table(rows)
-    meta = {"prompts": a.prompts, "seeds": a.seeds, "chunks": a.chunks, "checkpoints": {
-        "teacher": a.teacher, "dmd": a.dmd, "asd": a.asd}, "vae": a.vae}
-    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({"rows": rows, **meta}, indent=2)))
-    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
-    print(table)
+    meta = {"prompts": a.prompts, "seeds": a.seeds, "chunks": a.chunks, "config": a.config, "vae": a.vae,
+            "checkpoints": {"teacher": a.teacher, "dmd": a.dmd, "asd": a.asd}, "bootstrap_draws": BOOTSTRAP}
+    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**result, **meta}, indent=1)))
+    md = to_markdown(result, meta)
+    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))
+    print(md)
     return 0
 
 
