@@ -443,3 +443,10 @@ def test_procedural_latent_cache(tmp_path):
     other = micro(data={"source": "procedural", "num_samples": 4, "num_chunks": 1, "cache_dir": str(tmp_path / "c")})
     with pytest.raises(ValueError, match="num_samples"):
         LatentCache.load(tmp_path / "c", LatentCache.key(other))
+
+
+def test_disc_ratio_trains_the_discriminator_every_nth_step(cfg):
+    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, disc_ratio=2, alpha=1.0))
+    nets, ctx = _nets(cfg), _ctx(cfg.model_config(), 2)
+    got = [L.critic_losses(nets, ctx, cfg.distill, 3, StepRandom(0, s))[1] is not None for s in range(4)]
+    assert got == [True, False, True, False]

@@ -64,6 +64,8 @@ class DistillConfig:
     critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-7, betas=(0.0, 0.999)))
     discriminator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=(0.0, 0.999)))
     critic_ratio: int = 5         # critic updates per generator update (the generator trains when step % ratio == 0)
+    disc_ratio: int = 1           # the ASD discriminator trains when step % disc_ratio == 0 (its n / n+1
+    # rollout pair costs more than the critic's own update; critic_ratio gives D one update per G update)
     guidance_scale: float = 3.0   # CFG of the real score (teacher)
     dmd_steps: tuple[int, ...] = (4,)  # step counts the DMD rollout draws from (Self-Forcing: 4)
     timestep_shift: float = 5.0   # critic / DMD / ASD re-noising timesteps: shift(u), clamped below
@@ -132,8 +134,8 @@ class TrainConfig:
             bad(f"distill.dmd_steps={list(d.dmd_steps)}: each in 1..{MAX_STEPS}")
         if d.asd_timestep_shift is not None and not d.asd_timestep_shift > 0:
             bad(f"distill.asd_timestep_shift={d.asd_timestep_shift} must be > 0 (or null: timestep_shift)")
-        if d.critic_ratio < 1:
-            bad(f"distill.critic_ratio={d.critic_ratio} must be >= 1")
+        if d.critic_ratio < 1 or d.disc_ratio < 1:
+            bad(f"distill.critic_ratio={d.critic_ratio} and disc_ratio={d.disc_ratio} must be >= 1")
         if not 0 <= d.min_timestep < d.max_timestep <= 1000:
             bad(f"distill timesteps [{d.min_timestep}, {d.max_timestep}] must satisfy 0 <= min < max <= 1000")
         for what, decay in (("teacher", self.teacher.ema_decay), ("distill", d.ema_decay)):

@@ -204,7 +204,7 @@ def critic_losses(nets: DistillNets, context, cfg: DistillConfig, num_chunks: in
     pred = nets.critic.score(add_noise(x, eps, sigma), t, context, _clean(x, cfg))
     flow_loss = flow_matching_loss(pred, x, eps)
     logs = {"loss_critic": flow_loss.detach()}
-    if cfg.alpha <= 0:
+    if cfg.alpha <= 0 or rnd.step % cfg.disc_ratio:
         return flow_loss, None, logs
     n, x_n, x_n1 = asd_pair(nets.generator, context, num_chunks, cfg, noise, grad=False)
     sigma, eps, t = _score_timesteps(noise, x_n, cfg, fpc, asd=True)
