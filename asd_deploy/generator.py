@@ -32,14 +32,20 @@ class ChunkStep(Protocol):
 
 
 class EagerStep:
-    """The eager PyTorch model as a chunk step."""
+    """The eager PyTorch model as a chunk step.
+
+    With a `KVCache(work_chunk=True)` (its buffers have one chunk of slots after the cache) it
+    runs `forward_step_live`, attending to the cache in place; with a plain cache,
+    `forward_step`. `live_cache` says which cache the loop makes for it: by default the live one
+    on CUDA, where the per-layer copy of the cache is the step's largest memory traffic."""
     name = "eager"
 
-    def __init__(self, model):
+    def __init__(self, model, live_cache: bool | None = None):
         self.model = model.eval()
         self.config = model.config
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
+        self.live_cache = self.device.type == "cuda" if live_cache is None else bool(live_cache)
 
     @torch.no_grad()
     def cross_kv(self, context):
@@ -47,11 +53,44 @@ class EagerStep:
 
     @torch.no_grad()
     def __call__(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len):
-        return self.model.forward_step(x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len)
+        fn = self.model.forward_step if cache_k.shape[2] == self.config.cache_tokens else self.model.forward_step_live
+        return fn(x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len)
 
 
 def num_chunks_for(config: ModelConfig, pixel_frames: int) -> int:
     return config.latent_frames_for(pixel_frames) // config.frames_per_chunk
+
+
+def draw_noise(gen: torch.Generator, shape, sigmas: list[float], device) -> list[torch.Tensor]:
+    """A chunk's inference noise, fp32: its initial noise, then one draw per re-noising (each
+    step whose next sigma is > 0), one tensor at a time in `SeededNoise`'s order, so drawing them
+    before the chunk runs gives the values the loop draws between steps."""
+    n = 1 + sum(1 for s in sigmas[1:] if s > 0)
+    return [torch.randn(shape, generator=gen, device=device, dtype=torch.float32) for _ in range(n)]
+
+
+def denoise_chunk(step: ChunkStep, noise: list[torch.Tensor], sigmas: list[float], cross_k, cross_v,
+                  cache: KVCache, prev_x0: torch.Tensor | None = None) -> torch.Tensor:
+    """One inference chunk as one unit of device work: the previous chunk's clean pass (t = 0,
+    its keys/values into the cache) when `prev_x0` is given, then this chunk's denoising steps
+    from `noise` (`draw_noise`) -> clean latents x0 [B, C, Fc, H, W] fp32. `sample_chunks`'s
+    stochastic path without guidance, in the same order; sigmas are Python numbers and nothing
+    reads the host, so one CUDA graph can hold it all (`backends/graphs.py`)."""
+    dev, dtype = step.device, step.dtype
+    batch, fpc = noise[0].shape[0], step.config.frames_per_chunk
+    if prev_x0 is not None:
+        t0 = torch.zeros(batch, fpc, device=dev, dtype=dtype)
+        _, k, v = step(prev_x0.to(dtype), t0, cross_k, cross_v, cache.k, cache.v, cache.frame_index,
+                       cache.cache_len)
+        cache.append(k, v)
+    x, eps = noise[0], iter(noise[1:])
+    for i, sigma in enumerate(sigmas[:-1]):
+        t = torch.full((batch, fpc), 1000.0 * sigma, device=dev, dtype=dtype)
+        flow, _, _ = step(x.to(dtype), t, cross_k, cross_v, cache.k, cache.v, cache.frame_index, cache.cache_len)
+        x0 = flow_to_x0(x, flow.float(), sigma)
+        if sigmas[i + 1] > 0:
+            x = renoise(x0, next(eps), sigmas[i + 1])
+    return x0
 
 
 @torch.no_grad()
@@ -132,8 +171,8 @@ def sample_chunks(step: ChunkStep, context: torch.Tensor, *, num_chunks: int, sc
     width = context.shape[0]  # batch, or 2 * batch with guidance
     with torch.set_grad_enabled(grad):
         cross_k, cross_v = step.cross_kv(context)
-    if cache is None:
-        cache = KVCache(cfg, width, dtype, dev)
+    if cache is None:  # with the work chunk where a live step attends in place
+        cache = KVCache(cfg, width, dtype, dev, work_chunk=getattr(step, "live_cache", False))
     if prefill is not None:
         prefill_cache(step, cache, prefill, cross_k, cross_v)
     shape = cfg.chunk_shape(batch)
@@ -188,7 +227,25 @@ def generate(step: ChunkStep, context: torch.Tensor, *, num_chunks: int, schedul
     context: [B, text_len, text_dim] prompt embeddings (encoded once; cross k/v computed once).
     Each chunk: noise -> `steps` denoising steps (x0 prediction, re-noise to the next sigma)
     -> yield -> clean pass at timestep 0 writing the chunk's keys/values (not after the last).
+    A step that offers `run_chunk` (whole-chunk CUDA graphs, `backends/graphs.py`) runs each
+    chunk as one call of it, on the same noise drawn beforehand (`draw_noise`): the same video.
     """
     _check_context(step.config, context, num_chunks)
-    yield from sample_chunks(step, context, num_chunks=num_chunks, schedule=schedule,
-                             noise=SeededNoise(seed, step.device), prefill=prefill, cache=cache)
+    run_chunk = getattr(step, "run_chunk", None)
+    if run_chunk is None or not getattr(schedule, "stochastic", True):
+        yield from sample_chunks(step, context, num_chunks=num_chunks, schedule=schedule,
+                                 noise=SeededNoise(seed, step.device), prefill=prefill, cache=cache)
+        return
+    cfg, batch = step.config, context.shape[0]
+    gen = SeededNoise(seed, step.device).gen
+    cross_k, cross_v = step.cross_kv(context)
+    if cache is None:
+        cache = KVCache(cfg, batch, step.dtype, step.device, work_chunk=getattr(step, "live_cache", False))
+    if prefill is not None:
+        prefill_cache(step, cache, prefill, cross_k, cross_v)
+    prev = None
+    for c in range(num_chunks):
+        sigmas = schedule.sigmas_for_chunk(c)
+        prev = run_chunk(draw_noise(gen, cfg.chunk_shape(batch), sigmas, step.device), sigmas, cross_k, cross_v,
+                         cache, prev)
+        yield prev

@@ -5,7 +5,10 @@ layout, and its two entry points:
   - `forward_train(x, t, context)`: the whole latent sequence under a block-causal mask;
   - `forward_step(x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len)`: one chunk
     against a static key/value cache; pure (the cache is an input, the chunk's keys/values are
-    outputs), so exporters see every tensor it depends on.
+    outputs), so exporters see every tensor it depends on;
+  - `forward_step_live(...)`: the same step attending to the cache in place (the chunk's keys
+    written into a work area after the cache instead of concatenated to a copy of it): the
+    inference path of the torch backends on a GPU.
 Does not own: the cache bookkeeping (`cache.py`), the schedule, or the loop (`generator.py`).
 
 Shapes: latents [B, C, F, H, W]; per-frame timesteps [B, F] (0..1000); tokens [B, L, dim] with
@@ -105,8 +108,10 @@ def rope_tables(config: ModelConfig, frame_positions: torch.Tensor) -> tuple[tor
     for dim, pos in zip(config.rope_dims, (frame_positions.float(),
                                            torch.arange(gh, device=device, dtype=torch.float32),
                                            torch.arange(gw, device=device, dtype=torch.float32))):
-        inv = torch.tensor([config.rope_theta ** (-2 * i / dim) for i in range(dim // 2)],
-                           dtype=torch.float32, device=device)
+        # frequencies made on the device (float64 as Python's `theta ** (-2i/dim)`, then rounded):
+        # no host->device copy, which CUDA-graph capture forbids; constant-folded by exporters
+        exponent = torch.arange(dim // 2, device=device, dtype=torch.float64) * -2 / dim
+        inv = (config.rope_theta ** exponent).float()
         parts.append(pos[:, None] * inv[None])  # [n, dim/2]
     f = frame_positions.shape[0]
     t, h, w = parts
@@ -176,18 +181,25 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
 
-    def forward(self, x, e0, cos, sin, cross_k, cross_v, mask, prefix_k=None, prefix_v=None):
+    def forward(self, x, e0, cos, sin, cross_k, cross_v, mask, prefix_k=None, prefix_v=None, live=False):
         """x [B, L, dim]; e0 [B, F, 6, dim]; prefix_k/v [B, Lp, H, D] are cached keys/values seen
         before the chunk's own; mask is bool over (prefix + own) keys. Returns x and the chunk's
-        own k, v [B, L, H, D] (what a cache stores)."""
+        own k, v [B, L, H, D] (what a cache stores). `live`: prefix_k/v are [B, Lp + L, H, D]
+        buffers whose last L slots are a work area; the chunk's k, v are written there and the
+        attention reads the buffer in place (no concatenated copy of the cache)."""
         frames = e0.shape[1]
         shift, scale, g, c_shift, c_scale, c_g = (self.modulation[:, None].float() + e0.float()).unbind(2)
         fused = kernels.use_triton(x.device)  # Triton kernels (ASD_KERNELS), else plain torch
         h = (kernels.adaln(x, shift, scale, self.eps) if fused
              else modulate(layer_norm(x, self.eps), shift, scale, frames).type_as(x))
         q, k, v = self.self_attn.qkv(h, cos, sin)
-        ks = k if prefix_k is None else torch.cat([prefix_k, k], dim=1)
-        vs = v if prefix_v is None else torch.cat([prefix_v, v], dim=1)
+        if live:
+            prefix_k[:, -k.shape[1]:].copy_(k)
+            prefix_v[:, -v.shape[1]:].copy_(v)
+            ks, vs = prefix_k, prefix_v
+        else:
+            ks = k if prefix_k is None else torch.cat([prefix_k, k], dim=1)
+            vs = v if prefix_v is None else torch.cat([prefix_v, v], dim=1)
         y = self.self_attn.o(attention(q, ks, vs, mask).flatten(-2))
         x = kernels.gated_residual(x, y, g) if fused else gate(x.float(), y.float(), g, frames).type_as(x)
         x = x + self.cross_attn(self.norm3(x), cross_k, cross_v)
@@ -322,6 +334,27 @@ class CausalWanDiT(nn.Module):
         [0, cache_len) are attended). Returns flow [B, C, Fc, H, W] and the chunk's keys/values
         k_new, v_new [layers, B, tokens_per_chunk, H, D].
         """
+        return self._step(x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len, live=False)
+
+    # ---- entry point 3: the same, attending to the cache in place -------------------------------
+    def forward_step_live(self, x, t, cross_k, cross_v, kv_k, kv_v, frame_index, cache_len):
+        """`forward_step` without copying the cache: kv_k/v [layers, B, cache_tokens +
+        tokens_per_chunk, H, D] are a `KVCache(work_chunk=True)`'s buffers, the cache followed by
+        a one-chunk work area. Each layer writes the chunk's keys/values into the work area and
+        attends to its whole buffer under forward_step's mask (valid cache slots, then the
+        chunk), where forward_step concatenates the chunk to a copy of the cache in every layer.
+        Same keys in the same order, so the same result. Returns flow and k_new/v_new as views
+        of the work area (overwritten by the next call on these buffers). It writes its inputs,
+        so it is for inference and graph capture, not for export (ONNX has no in-place update:
+        exporters trace forward_step) nor for gradients through the cache."""
+        cfg = self.config
+        want = cfg.cache_tokens + cfg.tokens_per_chunk
+        if kv_k.shape[2] != want or kv_v.shape[2] != want:
+            raise ValueError(f"forward_step_live needs cache buffers with {want} slots (cache_tokens + one chunk, "
+                             f"KVCache(work_chunk=True)); got {kv_k.shape[2]} and {kv_v.shape[2]}")
+        return self._step(x, t, cross_k, cross_v, kv_k, kv_v, frame_index, cache_len, live=True)
+
+    def _step(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len, live: bool):
         cfg = self.config
         self._check_latents(x, t, cfg.frames_per_chunk)
         frames = cfg.frames_per_chunk
@@ -333,10 +366,13 @@ class CausalWanDiT(nn.Module):
         h = self.patchify(x)
         ks, vs = [], []
         for i, blk in enumerate(self.blocks):
-            h, k, v = blk(h, e0, cos, sin, cross_k[i], cross_v[i], mask, cache_k[i], cache_v[i])
+            h, k, v = blk(h, e0, cos, sin, cross_k[i], cross_v[i], mask, cache_k[i], cache_v[i], live=live)
             ks.append(k)
             vs.append(v)
-        return self.unpatchify(self.head(h, e), frames), torch.stack(ks), torch.stack(vs)
+        flow = self.unpatchify(self.head(h, e), frames)
+        if live:  # the work areas already hold every layer's k, v
+            return flow, cache_k[:, :, cfg.cache_tokens:], cache_v[:, :, cfg.cache_tokens:]
+        return flow, torch.stack(ks), torch.stack(vs)
 
 
 def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, seed: int | None = 0) -> CausalWanDiT:

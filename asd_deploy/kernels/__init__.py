@@ -1,23 +1,26 @@
 """Fused Triton kernels for the causal DiT's memory-bound ops, and the one switch that picks them.
 
-Owns: the switch (`ASD_KERNELS` = `triton` | `reference` | `auto`, default `auto`; read at every
-call, so tests and scripts may change it at run time) and one dispatch function per kernel, each
-with its kernel's signature:
+Owns: the switch (`ASD_KERNELS` = `triton` | `reference` | `auto`, default `auto`) and one
+dispatch function per kernel, each with its kernel's signature:
 
     adaln(x [B, L, D], shift [B, F, D], scale [B, F, D], eps=1e-6) -> [B, L, D]
     gated_residual(x [B, L, D], y [B, L, D], gate [B, F, D]) -> [B, L, D]
     qk_norm_rope(x [B, L, D], weight [D], cos [L, Dh/2], sin [L, Dh/2], num_heads, eps=1e-6)
         -> [B, L, H, Dh]
-    scheduler_update(x_t, v, eps, sigma, sigma_next) -> x_t's shape
 
 (L = F * HW tokens in frame-major order; per-frame tensors apply to every token of their frame.)
-Each kernel lives in its own file with its launcher `<name>_triton` and eager `<name>_reference`.
-Does not own: wiring into the model (the model calls these functions, or not).
+Each kernel lives in its own file with its launcher `<name>_triton` (the PyTorch operator
+`torch.ops.asd.<name>`, registered in `ops.py` so torch.compile, AOTInductor and CUDA graphs
+include it) and eager `<name>_reference`. Does not own: wiring into the model (the model calls
+these functions, or not).
 
 `auto` runs a kernel when the tensor is on CUDA and triton imports; `triton` always runs the
-kernel (on CPU tensors that needs `TRITON_INTERPRET=1`, and a device the kernel cannot run on is a
-RuntimeError saying so); `reference` never does. Importing this package does not import triton:
-a kernel imports it, and is jitted, at its first launch.
+kernel (CPU tensors need `TRITON_INTERPRET=1`: the interpreter; a device the kernel cannot run
+on is a RuntimeError saying so); `reference` never does. In eager mode the switch is read at
+every call (tests change it at run time); under torch.compile it is read once, when the graph
+is traced (`_decide` is a constant to Dynamo), and CPU tensors take the reference there
+(Inductor fuses it; the interpreter cannot be traced). Importing this package does not import
+triton: the operators are registered, and a kernel jitted, at first use.
 
 The submodule names equal the dispatch functions' (`kernels.adaln` is the function); reach a
 kernel file's contents with `from asd_deploy.kernels.adaln import adaln_reference`.
@@ -32,13 +35,11 @@ from ._launch import triton_importable
 from .adaln import adaln_reference, adaln_triton
 from .gated_residual import gated_residual_reference, gated_residual_triton
 from .qk_norm_rope import qk_norm_rope_reference, qk_norm_rope_triton
-from .scheduler_update import scheduler_update_reference, scheduler_update_triton
 
 ENV_VAR = "ASD_KERNELS"
 MODES = ("triton", "reference", "auto")
 
-__all__ = ["ENV_VAR", "MODES", "kernel_mode", "use_triton", "adaln", "gated_residual", "qk_norm_rope",
-           "scheduler_update"]
+__all__ = ["ENV_VAR", "MODES", "kernel_mode", "use_triton", "adaln", "gated_residual", "qk_norm_rope"]
 
 
 def kernel_mode() -> str:
@@ -48,12 +49,25 @@ def kernel_mode() -> str:
     return mode
 
 
+@torch.compiler.assume_constant_result
+def _decide(device_type: str) -> bool:
+    """The switch for one device type. A constant to Dynamo: called once per trace, never traced
+    (it reads the environment and may import triton, which Dynamo refuses to trace)."""
+    mode = kernel_mode()
+    use = mode == "triton" if mode != "auto" else device_type == "cuda" and triton_importable()
+    if use and triton_importable():
+        from .ops import ops
+
+        ops()  # registered before a traced graph reaches torch.ops.asd
+    return use
+
+
 def use_triton(device: torch.device | str) -> bool:
     """Whether the dispatch functions run the Triton kernel for tensors on `device`."""
-    mode = kernel_mode()
-    if mode != "auto":
-        return mode == "triton"
-    return torch.device(device).type == "cuda" and triton_importable()
+    device = torch.device(device)
+    if device.type != "cuda" and torch.compiler.is_compiling():
+        return False
+    return _decide(device.type)
 
 
 def adaln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -71,9 +85,3 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
     """RMSNorm over all of D with `weight`, then RoPE on adjacent pairs per head -> [B, L, H, Dh]."""
     fn = qk_norm_rope_triton if use_triton(x.device) else qk_norm_rope_reference
     return fn(x, weight, cos, sin, num_heads, eps)
-
-
-def scheduler_update(x_t: torch.Tensor, v: torch.Tensor, eps: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    """(1 - sigma_next) * (x_t - sigma * v) + sigma_next * eps (fp32 math, x_t's dtype)."""
-    fn = scheduler_update_triton if use_triton(x_t.device) else scheduler_update_reference
-    return fn(x_t, v, eps, sigma, sigma_next)

@@ -1,19 +1,21 @@
 """What every kernel file shares: lazy `triton.jit`, launch sizing, the device check.
 
 Owns: `lazy_jit` (a kernel is decorated with it instead of `@triton.jit`, so importing a kernel
-file imports only torch; triton is imported, and the kernel jitted, at its first launch),
+file imports only torch; triton is imported, and the kernel jitted, at its first launch, once
+for CUDA and once for the interpreter), `device_guard` (launch on the tensors' GPU),
 `launch_config` (rows per program and warps from the padded row width), `frames_of` (the
 per-frame shape check) and `check_runnable` (a loud error when tensors sit where the kernel
 cannot run). Does not own the switch between kernels and references (`__init__.py`) nor any
 kernel.
 
-Why lazy: `TRITON_INTERPRET=1` (CPU tensors, run through numpy) is read when a function is
-jitted, and older triton releases read it once at `import triton`. Jitting at the first launch
-means the environment is consulted as late as possible, and `import asd_deploy.kernels` works
-on machines without triton.
+Why lazy: `import asd_deploy.kernels` works on machines without triton and costs nothing where
+no kernel runs. The interpreter (CPU tensors, run through numpy) is chosen per launch by the
+tensors' device and `TRITON_INTERPRET=1`, never by what the environment said when triton was
+imported: no module needs to set that variable at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -55,37 +57,52 @@ def frames_of(x: torch.Tensor, mod: torch.Tensor, name: str) -> int:
 
 
 class LazyKernel:
-    """A kernel function jitted by triton on first use: `kernel[grid](...)` as with
-    `@triton.jit`. The function's module must have `from __future__ import annotations` (so
-    `tl.constexpr` annotations stay strings until triton reads them); `tl` is bound in that
-    module's globals when triton is first imported."""
+    """A kernel function jitted by triton on first use, once per kind of device it runs on: a
+    compiled `JITFunction` for CUDA tensors, an `InterpretedFunction` for CPU tensors (only
+    under TRITON_INTERPRET=1, read at launch). Keeping both means a test process that ran the
+    interpreter on CPU still launches compiled kernels on CUDA, whatever the environment. The
+    function's module must have `from __future__ import annotations` (so `tl.constexpr`
+    annotations stay strings until triton reads them); `tl` is bound in that module's globals
+    when triton is first imported."""
 
     def __init__(self, fn):
         self.fn = fn
         self.__name__ = fn.__name__
-        self._jitted = None
-        self.interpreted = None  # known after the first build: True under TRITON_INTERPRET=1
+        self._jitted = {}        # "cuda" | "interpreter" -> the jitted function
+        self.interpreted = None  # whether the last build was the interpreter's
         self.launches = 0        # how many times this kernel was launched (tests spy on it)
 
-    def build(self):
-        if self._jitted is None:
-            import triton
+    def build(self, device: torch.device | str = "cuda"):
+        kind = "cuda" if torch.device(device).type == "cuda" else "interpreter"
+        if kind not in self._jitted:
             import triton.language as tl
             from triton.runtime.interpreter import InterpretedFunction
+            from triton.runtime.jit import JITFunction
 
             self.fn.__globals__.setdefault("tl", tl)
-            self._jitted = triton.jit(self.fn)
-            self.interpreted = isinstance(self._jitted, InterpretedFunction)
-        return self._jitted
+            self._jitted[kind] = InterpretedFunction(self.fn) if kind == "interpreter" else JITFunction(self.fn)
+        self.interpreted = kind == "interpreter"
+        return self._jitted[kind]
 
-    def __getitem__(self, grid):
-        jitted = self.build()
+    def launcher(self, device: torch.device):
+        """`launcher(device)[grid](...)`: the kernel wrapped by `torch.library.wrap_triton`, so
+        torch.compile, torch.export and AOTInductor see it inside the `asd::` operators (a plain
+        launch in eager mode); the interpreter's function is launched as it is."""
+        jitted = self.build(device)
         self.launches += 1
-        return jitted[grid]
+        if self.interpreted:
+            return jitted
+        from torch.library import wrap_triton
+
+        return wrap_triton(jitted)
 
 
 def lazy_jit(fn) -> LazyKernel:
     return LazyKernel(fn)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,8 +115,17 @@ def triton_importable() -> bool:
     return True
 
 
-def check_runnable(kernel: LazyKernel, name: str, **tensors: torch.Tensor) -> torch.device:
-    """The common device of `tensors`, after checking `kernel` can run there. Raises a
+def device_guard(device: torch.device):
+    """Triton launches on the current CUDA device, not on its tensors' (a `cuda:1` tensor with
+    device 0 current is an illegal address): make the tensors' device current for the launch."""
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_initialized() \
+            and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def check_runnable(name: str, **tensors: torch.Tensor) -> torch.device:
+    """The common device of `tensors`, after checking kernel `name` can run there. Raises a
     RuntimeError that says what was found and what to do."""
     devices = {k: t.device for k, t in tensors.items()}
     if len(set(devices.values())) != 1:
@@ -110,16 +136,14 @@ def check_runnable(kernel: LazyKernel, name: str, **tensors: torch.Tensor) -> to
         raise RuntimeError(f"{name}: the Triton kernel was requested (ASD_KERNELS="
                            f"{os.environ.get('ASD_KERNELS', 'auto')}) but triton is not installed; "
                            "install triton or set ASD_KERNELS=reference")
-    kernel.build()
     if device.type == "cuda":
         return device
     if device.type == "cpu":
-        if kernel.interpreted:
+        if interpreter_enabled():
             return device
-        raise RuntimeError(f"{name}: got CPU tensors, but the Triton kernel was jitted for a GPU. CPU "
-                           "tensors run only under the Triton interpreter: set TRITON_INTERPRET=1 in the "
-                           "environment before triton is imported (and before the first kernel launch), "
-                           "or set ASD_KERNELS=reference")
+        raise RuntimeError(f"{name}: got CPU tensors; Triton kernels run on CPU tensors only under the "
+                           "Triton interpreter: set TRITON_INTERPRET=1 in the environment, or set "
+                           "ASD_KERNELS=reference")
     raise RuntimeError(f"{name}: Triton kernels run on CUDA tensors (or CPU tensors under "
                        f"TRITON_INTERPRET=1); got tensors on {device}. Set ASD_KERNELS=reference "
                        "to use the PyTorch reference")

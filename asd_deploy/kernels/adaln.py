@@ -2,8 +2,8 @@
 
     y[b, l] = LN(x[b, l]) * (1 + scale[b, l // HW]) + shift[b, l // HW],  HW = L / F
 
-Owns: `adaln_kernel` (Triton), its launcher `adaln_triton` and the eager `adaln_reference`
-(same signature, same result). Does not own the choice between them (`asd_deploy.kernels`).
+Owns: `adaln_kernel` (Triton), its launcher `adaln_triton` (the operator `asd::adaln`, whose
+body is `adaln_launch`) and the eager `adaln_reference` (same signature, same result). Does not own the choice between them (`asd_deploy.kernels`).
 
 Shapes: x [B, L, D] with L = F * HW frame-major; shift, scale [B, F, D], or anything that
 broadcasts to it ([1, F, D], strided slices of the model's [B, F, 6, D] modulation). Statistics,
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._launch import cdiv, check_runnable, frames_of, launch_config, lazy_jit, next_power_of_2
+from ._launch import cdiv, check_runnable, device_guard, frames_of, launch_config, lazy_jit, next_power_of_2
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -74,8 +74,16 @@ def adaln_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, e
 
 
 def adaln_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The kernel, as the operator `torch.ops.asd.adaln` (registered at first use, `ops.py`)."""
+    from .ops import ops
+
+    return ops().adaln(x, shift, scale, float(eps))
+
+
+def adaln_launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """The operator's body: checks, output allocation, one launch."""
     frames = _check(x, shift, scale)
-    check_runnable(adaln_kernel, "adaln", x=x, shift=shift, scale=scale)
+    device = check_runnable("adaln", x=x, shift=shift, scale=scale)
     B, L, D = x.shape
     shift, scale = shift.expand(B, frames, D), scale.expand(B, frames, D)
     out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
@@ -83,12 +91,14 @@ def adaln_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps:
     if n_rows == 0 or D == 0:
         return out
     block = next_power_of_2(D)
+    launch = adaln_kernel.launcher(device)
     rows, warps = launch_config(block, n_rows, adaln_kernel.interpreted)
-    adaln_kernel[(cdiv(n_rows, rows),)](
-        x, shift, scale, out,
-        n_rows, L, L // frames, D,
-        *x.stride(), *shift.stride(), *scale.stride(), out.stride(0), out.stride(1),
-        float(eps),
-        BLOCK_D=block, ROWS=rows, num_warps=warps,
-    )
+    with device_guard(device):
+        launch[(cdiv(n_rows, rows),)](
+            x, shift, scale, out,
+            n_rows, L, L // frames, D,
+            *x.stride(), *shift.stride(), *scale.stride(), out.stride(0), out.stride(1),
+            float(eps),
+            BLOCK_D=block, ROWS=rows, num_warps=warps,
+        )
     return out

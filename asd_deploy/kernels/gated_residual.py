@@ -1,6 +1,7 @@
 """Per-frame gated residual in one pass: `x + gate[b, l // HW] * y`, HW = L / F.
 
-Owns: `gated_residual_kernel` (Triton), its launcher `gated_residual_triton` and the eager
+Owns: `gated_residual_kernel` (Triton), its launcher `gated_residual_triton` (the operator
+`asd::gated_residual`, whose body is `gated_residual_launch`) and the eager
 `gated_residual_reference` (same signature, same result). Does not own the choice between them
 (`asd_deploy.kernels`).
 
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._launch import cdiv, check_runnable, frames_of, launch_config, lazy_jit, next_power_of_2
+from ._launch import cdiv, check_runnable, device_guard, frames_of, launch_config, lazy_jit, next_power_of_2
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -63,9 +64,17 @@ def gated_residual_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tenso
 
 
 def gated_residual_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The kernel, as the operator `torch.ops.asd.gated_residual` (registered at first use, `ops.py`)."""
+    from .ops import ops
+
+    return ops().gated_residual(x, y, gate)
+
+
+def gated_residual_launch(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The operator's body: checks, output allocation, one launch."""
     frames = frames_of(x, gate, "gate")
     _check_y(x, y)
-    check_runnable(gated_residual_kernel, "gated_residual", x=x, y=y, gate=gate)
+    device = check_runnable("gated_residual", x=x, y=y, gate=gate)
     B, L, D = x.shape
     gate = gate.expand(B, frames, D)
     out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
@@ -73,11 +82,13 @@ def gated_residual_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) 
     if n_rows == 0 or D == 0:
         return out
     block = next_power_of_2(D)
+    launch = gated_residual_kernel.launcher(device)
     rows, warps = launch_config(block, n_rows, gated_residual_kernel.interpreted)
-    gated_residual_kernel[(cdiv(n_rows, rows),)](
-        x, y, gate, out,
-        n_rows, L, L // frames, D,
-        *x.stride(), *y.stride(), *gate.stride(), out.stride(0), out.stride(1),
-        BLOCK_D=block, ROWS=rows, num_warps=warps,
-    )
+    with device_guard(device):
+        launch[(cdiv(n_rows, rows),)](
+            x, y, gate, out,
+            n_rows, L, L // frames, D,
+            *x.stride(), *y.stride(), *gate.stride(), out.stride(0), out.stride(1),
+            BLOCK_D=block, ROWS=rows, num_warps=warps,
+        )
     return out

@@ -4,8 +4,11 @@
     out[b, l, h, 2i]   = n[.., 2i] * cos[l, i] - n[.., 2i+1] * sin[l, i]
     out[b, l, h, 2i+1] = n[.., 2i] * sin[l, i] + n[.., 2i+1] * cos[l, i]   for i < Dh / 2
 
-Owns: `qk_norm_rope_kernel` (Triton), its launcher `qk_norm_rope_triton` and the eager
-`qk_norm_rope_reference` (same signature, same result). Does not own the RoPE tables (built by
+Owns: `qk_norm_rope_kernel` (Triton), its launcher `qk_norm_rope_triton` (the operator
+`asd::qk_norm_rope`, whose body is `qk_norm_rope_launch`) and the eager `qk_norm_rope_reference`
+(same signature, same result). The kernel loads each row once, contiguous (128-bit accesses
+when the row is contiguous), and splits even/odd lanes in registers (`tl.split`), storing them
+back interleaved (`tl.interleave`). Does not own the RoPE tables (built by
 the model: time/height/width parts, offset by the chunk's first frame) nor the choice between
 kernel and reference (`asd_deploy.kernels`).
 
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._launch import cdiv, check_runnable, launch_config, lazy_jit, next_power_of_2
+from ._launch import cdiv, check_runnable, device_guard, launch_config, lazy_jit, next_power_of_2
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
 @lazy_jit
 def qk_norm_rope_kernel(
     x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
-    n_rows, L, HALF_D, HALF_DH,    # n_rows = B * L; HALF_D = D / 2 pairs per row, HALF_DH = Dh / 2
+    n_rows, L, D, HALF_DH,         # n_rows = B * L; D = H * Dh elements per row, HALF_DH = Dh / 2
     sx_b, sx_l, sx_d,              # x        [B, L, D]
     sw_d,                          # weight   [D]
     sc_l, sc_i,                    # cos      [L, Dh/2]
@@ -44,25 +47,27 @@ def qk_norm_rope_kernel(
     rows = rows.to(tl.int64)
     b = rows // L
     l = rows % L
+    lanes = tl.arange(0, 2 * BLOCK_P)                                # element index in the row
+    lane_ok = lanes < D
     j = tl.arange(0, BLOCK_P)                                        # pair index over all heads
-    pair_ok = j < HALF_D
-    mask = row_ok[:, None] & pair_ok[None, :]                        # [ROWS, BLOCK_P]
+    mask_p = row_ok[:, None] & (j < D // 2)[None, :]                 # [ROWS, BLOCK_P]
     i = j % HALF_DH                                                  # rotary frequency of pair j
 
-    x_row = x_ptr + (b * sx_b + l * sx_l)[:, None]
-    xe = tl.load(x_row + (2 * j)[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(x_row + (2 * j + 1)[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xe * xe + xo * xo, axis=1) / (2 * HALF_D) + eps)  # [ROWS]
-    we = tl.load(w_ptr + 2 * j * sw_d, mask=pair_ok, other=0.0).to(tl.float32)
-    wo = tl.load(w_ptr + (2 * j + 1) * sw_d, mask=pair_ok, other=0.0).to(tl.float32)
+    # one contiguous row load (vectorised when sx_d == 1), split into even/odd lanes in registers
+    x = tl.load(x_ptr + (b * sx_b + l * sx_l)[:, None] + lanes[None, :] * sx_d,
+                mask=row_ok[:, None] & lane_ok[None, :], other=0.0).to(tl.float32)  # [ROWS, 2*BLOCK_P]
+    xe, xo = tl.split(tl.reshape(x, (ROWS, BLOCK_P, 2)))            # [ROWS, BLOCK_P] each
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)                 # [ROWS]
+    w = tl.load(w_ptr + lanes * sw_d, mask=lane_ok, other=0.0).to(tl.float32)
+    we, wo = tl.split(tl.reshape(w, (BLOCK_P, 2)))
     ne = xe * rstd[:, None] * we[None, :]
     no = xo * rstd[:, None] * wo[None, :]
 
-    c = tl.load(cos_ptr + (l * sc_l)[:, None] + i[None, :] * sc_i, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + (l * ss_l)[:, None] + i[None, :] * ss_i, mask=mask, other=0.0).to(tl.float32)
-    out_row = out_ptr + (rows * so_row)[:, None]
-    tl.store(out_row + (2 * j)[None, :], (ne * c - no * s).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_row + (2 * j + 1)[None, :], (ne * s + no * c).to(out_ptr.dtype.element_ty), mask=mask)
+    c = tl.load(cos_ptr + (l * sc_l)[:, None] + i[None, :] * sc_i, mask=mask_p, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + (l * ss_l)[:, None] + i[None, :] * ss_i, mask=mask_p, other=0.0).to(tl.float32)
+    y = tl.interleave(ne * c - no * s, ne * s + no * c)              # [ROWS, 2*BLOCK_P]: 2j, 2j+1
+    tl.store(out_ptr + (rows * so_row)[:, None] + lanes[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & lane_ok[None, :])
 
 
 def _check(x, weight, cos, sin, num_heads) -> int:
@@ -94,21 +99,31 @@ def qk_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, cos: torch.Ten
 
 def qk_norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         num_heads: int, eps: float = 1e-6) -> torch.Tensor:
+    """The kernel, as the operator `torch.ops.asd.qk_norm_rope` (registered at first use, `ops.py`)."""
+    from .ops import ops
+
+    return ops().qk_norm_rope(x, weight, cos, sin, int(num_heads), float(eps))
+
+
+def qk_norm_rope_launch(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        num_heads: int, eps: float) -> torch.Tensor:
+    """The operator's body: checks, output allocation, one launch."""
     head_dim = _check(x, weight, cos, sin, num_heads)
-    check_runnable(qk_norm_rope_kernel, "qk_norm_rope", x=x, weight=weight, cos=cos, sin=sin)
+    device = check_runnable("qk_norm_rope", x=x, weight=weight, cos=cos, sin=sin)
     B, L, D = x.shape
     out = torch.empty((B, L, num_heads, head_dim), dtype=x.dtype, device=x.device)
     n_rows = B * L
     if n_rows == 0:
         return out
     block = next_power_of_2(D // 2)
-    # two [ROWS, block] halves (even and odd lanes) per row
-    rows, warps = launch_config(2 * block, n_rows, qk_norm_rope_kernel.interpreted)
-    qk_norm_rope_kernel[(cdiv(n_rows, rows),)](
-        x, weight, cos, sin, out,
-        n_rows, L, D // 2, head_dim // 2,
-        *x.stride(), weight.stride(0), *cos.stride(), *sin.stride(), D,
-        float(eps),
-        BLOCK_P=block, ROWS=rows, num_warps=warps,
-    )
+    launch = qk_norm_rope_kernel.launcher(device)
+    rows, warps = launch_config(2 * block, n_rows, qk_norm_rope_kernel.interpreted)  # rows of 2*block lanes
+    with device_guard(device):
+        launch[(cdiv(n_rows, rows),)](
+            x, weight, cos, sin, out,
+            n_rows, L, D, head_dim // 2,
+            *x.stride(), weight.stride(0), *cos.stride(), *sin.stride(), D,
+            float(eps),
+            BLOCK_P=block, ROWS=rows, num_warps=warps,
+        )
     return out
