@@ -84,7 +84,7 @@ def _generate(args) -> int:
     Schedule(steps=args.steps, ffe=args.ffe, ffe_steps=args.ffe_steps)  # validate before loading anything
     pipe = _pipeline(args)
     if args.cuda_graph:
-        from .graphs import GraphedStep
+        from .backends.graphs import GraphedStep
         pipe.step = GraphedStep(pipe.step)  # raises naming the missing GPU on CPU machines
     if args.frames is not None:
         pipe.config.latent_frames_for(args.frames)
