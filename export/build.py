@@ -9,7 +9,9 @@ exists, is whole (size + sha256) and was made from the same inputs (a content ke
 weights hash, shapes, precision, opset, tool versions); `--force` rebuilds:
   ort:  export (step.onnx, cross_kv.onnx) -> optimize (ORT offline: *.opt.onnx) -> validate
   aoti: build (torch.export + AOTInductor: step.pt2, cross_kv.pt2) -> validate
-  trt:  ONNX -> TensorRT engine (written from the docs, not run here: no GPU; fails naming what is missing)
+  trt:  export -> TensorRT engines for step and cross_kv (strongly typed; opset 23, falling back to 18
+        when the parser rejects Attention/RMSNormalization) -> validate on the GPU
+        (written to the TensorRT 10.x/11 docs, not run here: no GPU; fails naming what is missing)
 `validate` runs the engine once against the eager model and records the error in the manifest.
 Every artifact is written under a temporary name and renamed; the manifest is rewritten after
 each stage with complete=false and finally with complete=true, so an interrupted build never
@@ -38,6 +40,10 @@ from asd_deploy.schedule import Schedule
 from .spec import export_specs, sample_context, sample_step_inputs
 
 DEFAULT_OPSET = {"ort": 18, "trt": 23, "aoti": None}
+# TensorRT parses ONNX `Attention` from 10.14 and `RMSNormalization` from 10.15: a parser that
+# rejects only these gets the opset-18 graph (MatMul/Softmax attention, decomposed norms)
+TRT_FALLBACK_OPSET = 18
+TRT_FALLBACK_OPS = {"Attention", "RMSNormalization"}
 # engine vs fp32 eager, max abs error relative to max(1, max |eager|)
 VALIDATE_TOL = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 1e-1}
 
@@ -105,21 +111,23 @@ def _check_request(backend: str, precision: str, opset: int | None, batch: int):
 
 
 def _validate(folder: Path, manifest: dict, model, batch: int) -> dict:
-    """The engine once against the fp32 eager model: step (cache 2/3 full) and cross_kv."""
-    engine = open_engine(folder, manifest)
+    """The engine once against the fp32 eager model (on the CPU): step (cache 2/3 full) and
+    cross_kv. Inputs go to the engine's device and precision; outputs come back to the CPU."""
+    engine = open_engine(folder, manifest, device=manifest.get("device", "cpu"))
     cfg = model.config
     ref_model = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
-    dtype = engine.dtype
+    dev, dtype = torch.device(engine.device), engine.dtype
     inputs = sample_step_inputs(cfg, batch, seed=1)
     ctx = sample_context(cfg, batch, seed=1)
     with torch.no_grad():
         ref = ref_model.forward_step(*inputs) + ref_model.cross_kv(ctx)
-    got = tuple(o.clone() for o in engine(*(a.to(dtype) if a.is_floating_point() else a for a in inputs)))
-    got += tuple(engine.cross_kv(ctx))
+    on_engine = tuple(a.to(dev, dtype) if a.is_floating_point() else a.to(dev) for a in inputs)
+    got = tuple(o.detach().float().cpu() for o in engine(*on_engine))  # copied: outputs are reused
+    got += tuple(o.detach().float().cpu() for o in engine.cross_kv(ctx.to(dev, dtype)))
     names = ("flow", "k_new", "v_new", "cross_k", "cross_v")
     res = {}
     for n, a, r in zip(names, got, ref):
-        err = (a.float() - r).abs()
+        err = (a - r).abs()
         res[n] = {"max_abs_err": err.max().item(), "mean_abs_err": err.mean().item(),
                   "ref_max_abs": r.abs().max().item()}
     tol = VALIDATE_TOL[manifest["precision"]]
@@ -207,21 +215,45 @@ def build(*, config: str | None = None, checkpoint: str = "default", backend: st
         manifest["runtime"] = {"step": "step.opt.onnx", "cross_kv": "cross_kv.opt.onnx"}
         manifest["portable"] = {"step": "step.onnx", "cross_kv": "cross_kv.onnx"}
         manifest["ort_optimization"] = "extended (CPU provider)"
-    elif backend == "trt":  # NOT RUN HERE (no GPU / TensorRT): written from the TensorRT 10 docs
-        from asd_deploy.tensorrt_engine import build_trt_engine, engine_name, gpu_tag
+    elif backend == "trt":  # NOT RUN HERE (no GPU / TensorRT): written to the TensorRT 10.x/11 docs
+        from asd_deploy.backends.trt import (TRTParseError, build_trt_engine, engine_name, gpu_tag,
+                                             timing_cache_name)
 
         from .onnx_export import export_onnx
         for g in ("step", "cross_kv"):
             key = stage_key(stage="export", graph=g, **base)
             stage("export", f"{g}.onnx", key, lambda p, g=g: export_onnx(specs[g], p, opset))
-        gpu = gpu_tag()
+        gpu, version = gpu_tag(), manifest["backend_version"]
         shapes_key = f"{cfg.name}-b{batch}-k{cfg.max_cache_frames}"
-        eng = engine_name(manifest["backend_version"], gpu, shapes_key, precision)
-        key = stage_key(stage="build", gpu=gpu, src=manifest["artifacts"]["step.onnx"]["sha256"], **base)
-        stage("build", eng, key, lambda p: [build_trt_engine(folder / "step.onnx", p, precision,
-                                                             timing_cache=Path(out) / f"timing-{gpu}.cache")])
-        manifest.update(gpu=gpu, device="cuda", trt_version=manifest["backend_version"])
-        manifest["runtime"] = {"step": eng, "cross_kv": "cross_kv.onnx"}  # cross K/V: once per prompt, ORT
+        cache_file = Path(out) / timing_cache_name(version, gpu)
+        # the ONNX opset each engine was parsed from (a parser without `Attention` falls back to 18)
+        manifest["trt_onnx_opset"] = dict(old.get("trt_onnx_opset", {}))
+        specs18, engines = None, {}
+        for g in ("step", "cross_kv"):
+            eng = engine_name(version, gpu, shapes_key, precision, graph=g)
+
+            def make(p, g=g):
+                nonlocal specs18
+                try:
+                    files = [build_trt_engine(folder / f"{g}.onnx", p, precision, cache_file, log=log)]
+                    manifest["trt_onnx_opset"][g] = opset
+                    return files
+                except TRTParseError as e:
+                    if opset <= TRT_FALLBACK_OPSET or not e.ops <= TRT_FALLBACK_OPS:
+                        raise
+                    log(f"[build] TensorRT {version} rejects {sorted(e.ops)} at opset {opset}; "
+                        f"exporting {g} at opset {TRT_FALLBACK_OPSET}")
+                specs18 = specs18 or {s.name: s for s in export_specs(model, batch, TRT_FALLBACK_OPSET)}
+                src = folder / f"{g}.op{TRT_FALLBACK_OPSET}.onnx"
+                side = export_onnx(specs18[g], src, TRT_FALLBACK_OPSET)
+                files = [build_trt_engine(src, p, precision, cache_file, log=log)]
+                manifest["trt_onnx_opset"][g] = TRT_FALLBACK_OPSET
+                return files + side
+            key = stage_key(stage="build", graph=g, gpu=gpu, src=manifest["artifacts"][f"{g}.onnx"]["sha256"], **base)
+            stage("build", eng, key, make)
+            engines[g] = eng
+        manifest.update(gpu=gpu, device="cuda", trt_version=version)
+        manifest["runtime"] = {"step": engines["step"], "cross_kv": engines["cross_kv"]}
     elif backend == "aoti":
         from .aoti_export import INDUCTOR_CONFIGS, export_aoti
         base["cpu_isa"] = manifest["host"]["cpu_isa"]

@@ -7,7 +7,8 @@ under `engines/` by its manifest). Backends:
   compile  `CompiledStep`: torch.compile(fullgraph) of the step from the eager model
   ort      `OrtStep`: ONNX Runtime, I/O-bound cache buffers   from an engine folder
   aoti     `AotiStep`: AOTInductor `.pt2` packages             from an engine folder
-  trt      placeholder: raises naming what is missing (not built here)
+  trt      `TRTStep`: TensorRT step + cross_kv engines (trt.py)  from an engine folder
+  graphs   `GraphedStep` wraps any of them in CUDA graphs (graphs.py)
 Each has `config`, `dtype`, `device`, `name`, `cross_kv(context)` and `__call__(x, t, cross_k,
 cross_v, cache_k, cache_v, frame_index, cache_len) -> (flow, k_new, v_new)`.
 Does not own export (`export/`) or the loop (`generator.py`).
@@ -43,7 +44,7 @@ def open_engine(engine_dir, manifest: dict, device="cpu", **options):
         return AotiStep(engine_dir, manifest, cfg, device=device, **options)
     if backend == "trt":
         from .trt import load_trt_engine
-        return load_trt_engine(engine_dir, manifest, cfg, **options)
+        return load_trt_engine(engine_dir, manifest, cfg, device=device, **options)
     raise EngineError(f"engine {engine_dir} has unknown backend {backend!r}; known: {ENGINE_BACKENDS}")
 
 
@@ -116,7 +117,9 @@ def make_backend(name: str, source, *, engine=None, precision: str | None = None
     for ort/aoti). For ort/aoti with a loaded model, `engine` (a folder) is validated against
     the model's config and weights hash; without it the newest matching engine under
     `engines_dir` (default `engines/`) is used, or the error names the build command. For
-    eager/compile, `precision`/`device` cast a copy of the model (the caller's is untouched)."""
+    eager/compile, `precision`/`device` cast a copy of the model (the caller's is untouched).
+    `device` defaults to the model's device, for engines too (a model on CUDA gets a CUDA
+    engine session), and to the CPU for an engine folder."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid backends: {list(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
@@ -130,10 +133,12 @@ def make_backend(name: str, source, *, engine=None, precision: str | None = None
         return load_engine(source, expect_backend=name, expect_precision=precision, device=device or "cpu",
                            verify=verify, **options)
     model, loaded = _model_of(source)
+    p = next(model.parameters())
+    if device is None:
+        device = p.device
     if name in ("eager", "compile"):
-        p = next(model.parameters())
         dtype = precision_dtype(precision) if precision else p.dtype
-        dev = torch.device(device) if device is not None else p.device
+        dev = torch.device(device)
         if (dtype, dev) != (p.dtype, p.device):
             model = copy.deepcopy(model).to(device=dev, dtype=dtype)
         if name == "eager":
@@ -149,5 +154,5 @@ def make_backend(name: str, source, *, engine=None, precision: str | None = None
         engine = find_engine(name, model.config, weights_hash, precision=precision, batch=batch,
                              engines_dir=engines_dir, checkpoint=checkpoint, opset=opset)
     return load_engine(engine, model.config, weights_hash, expect_backend=name, expect_batch=batch,
-                       expect_precision=precision, expect_checkpoint=checkpoint, device=device or "cpu",
+                       expect_precision=precision, expect_checkpoint=checkpoint, device=device,
                        verify=verify, **options)
