@@ -18,15 +18,17 @@ these functions, or not).
 kernel (CPU tensors need `TRITON_INTERPRET=1`: the interpreter; a device the kernel cannot run
 on is a RuntimeError saying so); `reference` never does. In eager mode the switch is read at
 every call (tests change it at run time); under torch.compile it is read once, when the graph
-is traced (`_decide` is a constant to Dynamo), and CPU tensors take the reference there
-(Inductor fuses it; the interpreter cannot be traced). Importing this package does not import
-triton: the operators are registered, and a kernel jitted, at first use.
+is traced, and CPU tensors take the reference there (Inductor fuses it; the interpreter cannot
+be traced). Importing this package does not import triton: the operators are registered at
+first eager use or by `prepare(device)` (what the compiled backend calls before compiling), and
+a kernel is jitted at its first launch.
 
 The submodule names equal the dispatch functions' (`kernels.adaln` is the function); reach a
 kernel file's contents with `from asd_deploy.kernels.adaln import adaln_reference`.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -38,8 +40,9 @@ from .qk_norm_rope import qk_norm_rope_reference, qk_norm_rope_triton
 
 ENV_VAR = "ASD_KERNELS"
 MODES = ("triton", "reference", "auto")
+TRITON_PRESENT = importlib.util.find_spec("triton") is not None  # found, not imported
 
-__all__ = ["ENV_VAR", "MODES", "kernel_mode", "use_triton", "adaln", "gated_residual", "qk_norm_rope"]
+__all__ = ["ENV_VAR", "MODES", "kernel_mode", "use_triton", "prepare", "adaln", "gated_residual", "qk_norm_rope"]
 
 
 def kernel_mode() -> str:
@@ -49,25 +52,32 @@ def kernel_mode() -> str:
     return mode
 
 
-@torch.compiler.assume_constant_result
-def _decide(device_type: str) -> bool:
-    """The switch for one device type. A constant to Dynamo: called once per trace, never traced
-    (it reads the environment and may import triton, which Dynamo refuses to trace)."""
+def use_triton(device: torch.device | str) -> bool:
+    """Whether the dispatch functions run the Triton kernel for tensors on `device`.
+
+    Under torch.compile this is traced once, as plain Python (Dynamo refuses importlib): the
+    kernels on CUDA unless ASD_KERNELS=reference and triton is absent, the reference on any other
+    device (Inductor fuses it; the interpreter cannot be traced). The operators must be registered
+    before tracing (`prepare`), since registration cannot be traced."""
+    device = torch.device(device)
     mode = kernel_mode()
-    use = mode == "triton" if mode != "auto" else device_type == "cuda" and triton_importable()
-    if use and triton_importable():
+    if torch.compiler.is_compiling():
+        return device.type == "cuda" and mode != "reference" and TRITON_PRESENT
+    if mode != "auto":
+        return mode == "triton"
+    return device.type == "cuda" and triton_importable()
+
+
+def prepare(device: torch.device | str) -> bool:
+    """Register the `torch.ops.asd` operators now if the kernels will run on `device` (the
+    compiled and exported backends call this before torch.compile / torch.export); returns
+    whether they will."""
+    use = use_triton(device)
+    if use:
         from .ops import ops
 
-        ops()  # registered before a traced graph reaches torch.ops.asd
+        ops()
     return use
-
-
-def use_triton(device: torch.device | str) -> bool:
-    """Whether the dispatch functions run the Triton kernel for tensors on `device`."""
-    device = torch.device(device)
-    if device.type != "cuda" and torch.compiler.is_compiling():
-        return False
-    return _decide(device.type)
 
 
 def adaln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
