@@ -95,6 +95,8 @@ class Stream:
         for i in range(self.num_chunks):
             ta = time.perf_counter()
             lat = next(chunks)
+            if lat.is_cuda:  # the DiT's kernels are queued, not done: time them, not their launch
+                torch.cuda.synchronize(lat.device)
             tb = time.perf_counter()
             self.latents.append(lat)
             if decoder is None:

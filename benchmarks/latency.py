@@ -29,7 +29,7 @@ from asd_deploy.registry import load_dit
 from asd_deploy.schedule import Schedule
 from benchmarks.common import machine_info, onednn_linear, report_dir, write_json
 
-GPU_ONLY = ("trt", "eager+cudagraph")
+GPU_ONLY = ("trt", "eager+cudagraph")  # measured on a GPU by python -m benchmarks.gpu
 
 
 def peak_rss_mb() -> float:
@@ -101,6 +101,8 @@ def run_once(step, vae, context, num_chunks, schedule, seed=0):
         before = counted.calls
         t0 = time.perf_counter()
         lat = next(it)
+        if lat.is_cuda:  # queued kernels: wait for them, or the VAE's copy pays for the DiT
+            torch.cuda.synchronize(lat.device)
         t1 = time.perf_counter()
         calls.append(counted.calls - before)
         decoder.decode_chunk(lat.float())
