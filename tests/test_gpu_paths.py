@@ -116,3 +116,31 @@ def test_validate_feeds_the_engine_on_its_device_and_precision(tiny_model, tmp_p
     assert [dt for _, dt in seen[0]] == [torch.float16] * 6 + [torch.int64] * 2
     assert seen[1] == [("meta", torch.float16)]
     assert res["outputs"]["flow"]["max_abs_err"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_benchmark_refuses_cleanly_without_a_gpu():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--check"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gpu_benchmark_counts_linear_flops_apart_from_attention():
+    from benchmarks.gpu import step_flops_split
+    from asd_deploy.config import ModelConfig
+
+    cfg = ModelConfig.preset("wan2.1-1.3b")
+    total, linears = step_flops_split(cfg)
+    # linears: 30 layers x (4 self + 2 cross q/o + FFN) on 4680 tokens, closed form
+    tokens, d, ffn = cfg.tokens_per_chunk, cfg.dim, cfg.ffn_dim
+    per_layer = 2 * tokens * (6 * d * d + 2 * d * ffn)
+    head_and_embed = 2 * tokens * d * (cfg.out_channels * cfg.patch_volume + cfg.in_channels * cfg.patch_volume)
+    time = 2 * cfg.frames_per_chunk * (cfg.freq_dim * d + d * d + d * 6 * d)
+    assert linears == cfg.num_layers * per_layer + head_and_embed + time
+    assert 0 < linears < total
