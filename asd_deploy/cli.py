@@ -82,6 +82,9 @@ def _generate(args) -> int:
             raise ValueError("--config applies to --checkpoint; a model folder carries its own config")
         args.checkpoint = "random"  # a bare config: seeded random weights at that size
     Schedule(steps=args.steps, ffe=args.ffe, ffe_steps=args.ffe_steps)  # validate before loading anything
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {args.device}: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                           f"use --device cpu, or a torch build with CUDA on a GPU machine")
     pipe = _pipeline(args)
     if args.cuda_graph:
         from .backends.graphs import GraphedStep

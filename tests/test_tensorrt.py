@@ -21,7 +21,7 @@ def test_missing_trt_or_gpu_is_a_clear_error():
     with pytest.raises(RuntimeError) as e:
         check_trt_available()
     msg = str(e.value)
-    assert "TensorRT backend unavailable" in msg and "tensorrt-cu13" in msg
+    assert "TensorRT backend unavailable" in msg and "pip install .[gpu]" in msg and "gpu-cu12" in msg
 
 
 def test_engine_and_timing_cache_names_encode_version_gpu_shapes_precision():

@@ -36,8 +36,8 @@ from ..config import ModelConfig
 from .manifest import EngineError
 from .signature import Signature, check_inputs, precision_dtype, signatures
 
-INSTALL_HINT = ("install TensorRT for your CUDA major on a GPU machine: pip install 'tensorrt-cu13>=10.14' "
-                "(or tensorrt-cu12 for a CUDA 12 torch; see the README's GPU section)")
+INSTALL_HINT = ("install TensorRT for your torch's CUDA major on a GPU machine: pip install .[gpu] (tensorrt-cu13), "
+                "or .[gpu-cu12] for a CUDA 12 torch (README, GPU section)")
 
 
 def check_trt_available():
