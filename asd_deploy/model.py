@@ -96,7 +96,8 @@ def gate(x, y, g, frames: int):
 
 
 def rope_tables(config: ModelConfig, frame_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [L, head_dim/2] for the tokens of frames at `frame_positions` ([F], device tensor).
+    """cos, sin [L, head_dim/2] for the tokens of frames at `frame_positions` ([F], device tensor),
+    or [B, L, head_dim/2] for per-sample positions [B, F] (batched streams at different frames).
 
     Wan's 3D RoPE: the head dim splits into (time, height, width) rotary parts (44/42/42 at
     head_dim 128), each with frequencies theta^(-2i/part). The time index is the absolute latent
@@ -104,27 +105,31 @@ def rope_tables(config: ModelConfig, frame_positions: torch.Tensor) -> tuple[tor
     """
     gh, gw = config.grid_hw
     device = frame_positions.device
+    pos_t = frame_positions.float().reshape(-1, frame_positions.shape[-1])  # [B or 1, F]
     parts = []
-    for dim, pos in zip(config.rope_dims, (frame_positions.float(),
-                                           torch.arange(gh, device=device, dtype=torch.float32),
-                                           torch.arange(gw, device=device, dtype=torch.float32))):
+    for dim, pos in zip(config.rope_dims, (pos_t,
+                                           torch.arange(gh, device=device, dtype=torch.float32)[None],
+                                           torch.arange(gw, device=device, dtype=torch.float32)[None])):
         # frequencies made on the device (float64 as Python's `theta ** (-2i/dim)`, then rounded):
         # no host->device copy, which CUDA-graph capture forbids; constant-folded by exporters
         exponent = torch.arange(dim // 2, device=device, dtype=torch.float64) * -2 / dim
         inv = (config.rope_theta ** exponent).float()
-        parts.append(pos[:, None] * inv[None])  # [n, dim/2]
-    f = frame_positions.shape[0]
+        parts.append(pos[:, :, None] * inv)  # [b, n, dim/2]
+    b, f = pos_t.shape
     t, h, w = parts
-    angles = torch.cat([t[:, None, None].expand(f, gh, gw, -1),
-                        h[None, :, None].expand(f, gh, gw, -1),
-                        w[None, None, :].expand(f, gh, gw, -1)], dim=-1).reshape(f * gh * gw, -1)
+    angles = torch.cat([t[:, :, None, None].expand(b, f, gh, gw, -1),
+                        h[:, None, :, None].expand(b, f, gh, gw, -1),
+                        w[:, None, None, :].expand(b, f, gh, gw, -1)], dim=-1).reshape(b, f * gh * gw, -1)
+    if frame_positions.ndim == 1:
+        angles = angles[0]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """x [B, L, H, D]; rotate adjacent pairs (2i, 2i+1) by the angle of cos/sin [L, D/2]."""
+    """x [B, L, H, D]; rotate adjacent pairs (2i, 2i+1) by the angle of cos/sin [L, D/2] (or
+    [B, L, D/2], per sample)."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, D/2] each
-    c, s = cos[None, :, None], sin[None, :, None]
+    c, s = (cos[None, :, None], sin[None, :, None]) if cos.ndim == 2 else (cos[:, :, None], sin[:, :, None])
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
 
 
@@ -143,7 +148,7 @@ class SelfAttention(nn.Module):
 
     def qkv(self, x, cos, sin):
         """x [B, L, dim] -> q, k (RoPE applied), v, each [B, L, H, D]."""
-        if kernels.use_triton(x.device) and isinstance(self.norm_q, RMSNorm):  # fused RMSNorm + RoPE
+        if kernels.use_triton(x.device) and isinstance(self.norm_q, RMSNorm) and cos.ndim == 2:  # fused
             q = kernels.qk_norm_rope(self.q(x), self.norm_q.weight, cos, sin, self.num_heads, self.norm_q.eps)
             k = kernels.qk_norm_rope(self.k(x), self.norm_k.weight, cos, sin, self.num_heads, self.norm_k.eps)
         else:
@@ -331,8 +336,9 @@ class CausalWanDiT(nn.Module):
         x [B, C, Fc, H, W] noisy chunk; t [B, Fc]; cross_k/v [layers, B, text_len, H, D];
         cache_k/v [layers, B, cache_tokens, H, D]; frame_index int64 [1] absolute latent frame of
         the chunk's first frame (RoPE); cache_len int64 [1] valid cache tokens (slots
-        [0, cache_len) are attended). Returns flow [B, C, Fc, H, W] and the chunk's keys/values
-        k_new, v_new [layers, B, tokens_per_chunk, H, D].
+        [0, cache_len) are attended). Either may instead be [B]: one position per sample, so
+        streams at different frames share one call (serving's batched slots). Returns flow
+        [B, C, Fc, H, W] and the chunk's keys/values k_new, v_new [layers, B, tokens_per_chunk, H, D].
         """
         return self._step(x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len, live=False)
 
@@ -358,11 +364,15 @@ class CausalWanDiT(nn.Module):
         cfg = self.config
         self._check_latents(x, t, cfg.frames_per_chunk)
         frames = cfg.frames_per_chunk
+        for name, pos in (("frame_index", frame_index), ("cache_len", cache_len)):
+            if pos.ndim != 1 or pos.shape[0] not in (1, x.shape[0]):
+                raise ValueError(f"{name} must be int64 [1] or [B={x.shape[0]}]; got {list(pos.shape)}")
         slots = torch.arange(cfg.cache_tokens, device=x.device)
-        own = torch.ones(cfg.tokens_per_chunk, dtype=torch.bool, device=x.device)
-        mask = torch.cat([slots < cache_len, own])[None, None, None]  # [1, 1, 1, Lc + Lq]
+        own = torch.ones(cache_len.shape[0], cfg.tokens_per_chunk, dtype=torch.bool, device=x.device)
+        mask = torch.cat([slots[None] < cache_len[:, None], own], 1)[:, None, None]  # [1 or B, 1, 1, Lc + Lq]
         e, e0 = self.time_embed(t)
-        cos, sin = rope_tables(cfg, frame_index + torch.arange(frames, device=x.device))
+        positions = frame_index[:, None] + torch.arange(frames, device=x.device)  # [1 or B, Fc]
+        cos, sin = rope_tables(cfg, positions[0] if positions.shape[0] == 1 else positions)
         h = self.patchify(x)
         ks, vs = [], []
         for i, blk in enumerate(self.blocks):

@@ -99,9 +99,12 @@ def _dtype_device(model) -> tuple[torch.dtype, torch.device]:
 def sample_step_inputs(config: ModelConfig, batch: int = 1, dtype=torch.float32, device="cpu",
                        seed: int = 0, cached_chunks: int | None = None) -> tuple[torch.Tensor, ...]:
     """Plausible step inputs: random chunk, t = 500, random cross K/V and cache, with the cache
-    holding `cached_chunks` valid chunks (default: all but one, so the mask matters)."""
+    holding `cached_chunks` valid chunks (default: all but one, so the mask matters). With
+    batch > 1 sample b holds `cached_chunks - b` chunks (at least 0), so the per-sample positions
+    [B] differ from each other, as batched streams' do."""
     g = torch.Generator().manual_seed(seed)
     n = config.cache_chunks - 1 if cached_chunks is None else cached_chunks
+    chunks = [max(0, n - b) for b in range(batch)]
 
     def rnd(shape):
         return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
@@ -110,8 +113,8 @@ def sample_step_inputs(config: ModelConfig, batch: int = 1, dtype=torch.float32,
             torch.full((batch, config.frames_per_chunk), 500.0, dtype=dtype, device=device),
             rnd(config.cross_shape(batch)), rnd(config.cross_shape(batch)),
             rnd(config.cache_shape(batch)), rnd(config.cache_shape(batch)),
-            torch.tensor([n * config.frames_per_chunk], dtype=torch.long, device=device),
-            torch.tensor([n * config.tokens_per_chunk], dtype=torch.long, device=device))
+            torch.tensor([c * config.frames_per_chunk for c in chunks], dtype=torch.long, device=device),
+            torch.tensor([c * config.tokens_per_chunk for c in chunks], dtype=torch.long, device=device))
 
 
 def sample_context(config: ModelConfig, batch: int = 1, dtype=torch.float32, device="cpu", seed: int = 0):

@@ -14,7 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from .manifest import EngineError
-from .signature import check_inputs, precision_dtype, signatures
+from .signature import broadcast_positions, check_inputs, precision_dtype, signatures
 
 
 class AotiStep:
@@ -49,7 +49,7 @@ class AotiStep:
         return k, v
 
     def __call__(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len):
-        args = (x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len)
+        args = broadcast_positions((x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len), self.batch)
         check_inputs(self._where, self._sig["step"].inputs, args, self.device)
         flow, k_new, v_new = self._step(*(a.contiguous() for a in args))
         return flow, k_new, v_new

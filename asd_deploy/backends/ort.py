@@ -25,7 +25,7 @@ import torch
 
 from ..config import ModelConfig
 from .manifest import EngineError
-from .signature import check_inputs, precision_dtype, signatures
+from .signature import broadcast_positions, check_inputs, precision_dtype, signatures
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -164,7 +164,7 @@ class OrtStep:
         return outs
 
     def __call__(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len):
-        args = (x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len)
+        args = broadcast_positions((x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len), self.batch)
         sig = self._sig["step"]
         check_inputs(self._where, sig.inputs, args, self.device)
         st = self._state()

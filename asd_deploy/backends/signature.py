@@ -7,8 +7,10 @@ against it. Does not own the wrapper modules or sample inputs (`export/spec.py`)
 
 Graphs:
   step:     x [B, C, Fc, H, W], t [B, Fc], cross_k/v [layers, B, text_len, H, D],
-            cache_k/v [layers, B, cache_tokens, H, D], frame_index int64 [1], cache_len int64 [1]
+            cache_k/v [layers, B, cache_tokens, H, D], frame_index int64 [B], cache_len int64 [B]
             -> flow [B, C, Fc, H, W], k_new/v_new [layers, B, tokens_per_chunk, H, D]
+            (positions per sample, so one call serves streams at different frames; a caller's
+            [1] positions are broadcast to [B] by the runtimes, see `broadcast_positions`)
   cross_kv: context [B, text_len, text_dim] -> cross_k/v [layers, B, text_len, H, D]
 Floating tensors are in the engine's precision; positions are int64 device tensors, never baked.
 """
@@ -69,7 +71,7 @@ def step_signature(config: ModelConfig, batch: int = 1, dtype: torch.dtype = tor
     f = dtype_name(dtype)
     kv_new = (config.num_layers, batch, config.tokens_per_chunk, config.num_heads, config.head_dim)
     shapes = (config.chunk_shape(batch), (batch, config.frames_per_chunk), config.cross_shape(batch),
-              config.cross_shape(batch), config.cache_shape(batch), config.cache_shape(batch), (1,), (1,))
+              config.cross_shape(batch), config.cache_shape(batch), config.cache_shape(batch), (batch,), (batch,))
     dtypes = (f,) * 6 + ("int64", "int64")
     return Signature(tuple(TensorSpec(n, tuple(s), d) for n, s, d in zip(STEP_INPUTS, shapes, dtypes)),
                      tuple(TensorSpec(n, tuple(s), f) for n, s in
@@ -92,3 +94,11 @@ def check_inputs(where: str, specs: tuple[TensorSpec, ...], tensors, device: tor
         if tuple(a.shape) != s.shape or a.dtype != s.torch_dtype or a.device.type != device.type:
             raise ValueError(f"{where}: input {s.name!r} must be {list(s.shape)} {s.dtype} on {device} (static "
                              f"shapes of the engine); got {list(a.shape)} {dtype_name(a.dtype)} on {a.device}")
+
+
+def broadcast_positions(args: tuple, batch: int) -> tuple:
+    """Step arguments with [1] positions (a lockstep `KVCache`) expanded to the engine's [batch]."""
+    if batch == 1:
+        return args
+    *rest, frame_index, cache_len = args
+    return (*rest, *(p.expand(batch) if p.ndim == 1 and p.shape[0] == 1 else p for p in (frame_index, cache_len)))
