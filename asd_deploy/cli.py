@@ -36,6 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, default=None,
                    help="pixel frames, 1+4k filling whole 3-latent-frame chunks (e.g. 9, 21, 33, ...); "
                         "default: one cache length")
+    g.add_argument("--init", default=None,
+                   help="continue from this video or image (its last frames, encoded by the VAE, prefill the cache)")
     g.add_argument("--out", default="out.mp4", help="output: .mp4 for video, .pt for latents [1, C, F, H, W]")
     g.add_argument("--sheet", default=None, help="also write a PNG contact sheet of the frames")
     g.add_argument("--backend", default="eager", choices=BACKENDS, help="DiT backend")
@@ -77,6 +79,8 @@ def _generate(args) -> int:
     check_writable(out)
     if args.sheet:
         check_writable(args.sheet)
+    if args.init and not Path(args.init).is_file():
+        raise FileNotFoundError(f"--init {args.init}: no such file; expected an image (png, jpg) or a video (mp4)")
     if args.config and not args.checkpoint:
         if args.model != "default":
             raise ValueError("--config applies to --checkpoint; a model folder carries its own config")
@@ -95,7 +99,7 @@ def _generate(args) -> int:
         print("note: this model has RANDOM weights (--checkpoint random, or the embedded default's trained "
               "assets are missing); the video is noise-like. Every code path is real.", file=sys.stderr)
     stream = pipe.stream(args.prompt, steps=args.steps, ffe=args.ffe, seed=args.seed, frames=args.frames,
-                         latents_only=out.suffix == ".pt")
+                         latents_only=out.suffix == ".pt", init=args.init)
     frames = []
     for chunk in tqdm(stream, total=stream.num_chunks, unit="chunk", disable=args.quiet, file=sys.stderr):
         frames.append(chunk)

@@ -67,12 +67,13 @@ class Stream:
     Owns its cache, noise generator and VAE decode state, so streams can run in parallel threads."""
 
     def __init__(self, pipe: "Pipeline", prompt: str, steps: int, ffe: bool, seed: int, frames: int | None,
-                 latents_only: bool = False):
+                 latents_only: bool = False, init: torch.Tensor | None = None):
         cfg = pipe.config
         self.pipe, self.schedule = pipe, Schedule(steps=steps, ffe=ffe)
         self.frames = frames or cfg.pixel_frames_for(cfg.cache_chunks * cfg.frames_per_chunk)
         self.num_chunks = num_chunks_for(cfg, self.frames)
         self.prompt, self.seed, self.latents_only = prompt, seed, latents_only
+        self.init = init  # clean latents [1, C, F, h, w] the video continues from (continuation.py)
         self.stats = StreamStats()
         self.latents: list[torch.Tensor] = []
         self._it = self._run()
@@ -91,7 +92,7 @@ class Stream:
 
         decoder = None if self.latents_only else self.pipe.vae.stream_decoder(batch_size=1)
         chunks = generate(self.pipe.step, context, num_chunks=self.num_chunks, schedule=self.schedule,
-                          seed=self.seed)
+                          seed=self.seed, prefill=self.init)
         for i in range(self.num_chunks):
             ta = time.perf_counter()
             lat = next(chunks)
@@ -188,8 +189,19 @@ class Pipeline:
             return self._prompt_cache[prompt]
 
     def stream(self, prompt: str, steps: int = 1, ffe: bool = True, seed: int = 0, frames: int | None = None,
-               latents_only: bool = False) -> Stream:
-        return Stream(self, prompt, steps, ffe, seed, frames, latents_only)
+               latents_only: bool = False, init=None) -> Stream:
+        """`init`: continue from a video or image (a path, uint8 frames [T, H, W, 3], or clean
+        latents [1, C, F, h, w]; see continuation.py); the stream yields only the new frames."""
+        if init is not None and not isinstance(init, torch.Tensor):
+            init = self.init_latents(init)
+        return Stream(self, prompt, steps, ffe, seed, frames, latents_only, init)
+
+    def init_latents(self, init) -> torch.Tensor:
+        """A path or uint8 frames [T, H, W, 3] -> clean latents [1, C, F, h, w] to prefill the cache."""
+        from .continuation import init_latents, read_init
+
+        frames = read_init(init) if isinstance(init, (str, Path)) else init
+        return init_latents(self.vae, frames, self.config)
 
     def __call__(self, prompt: str, steps: int = 1, ffe: bool = True, seed: int = 0, frames: int | None = None):
         """The whole video: uint8 [T, H, W, 3] (and the stream, for stats and latents)."""
