@@ -1,4 +1,5 @@
-"""Command line: `python -m asd_deploy generate ...`, `... encode-prompt ...` and `... decode ...`.
+"""Command line: `python -m asd_deploy generate ...`, `... encode-prompt ...`, `... decode ...` and
+`... serve ...` (the server itself lives in `serve/`).
 
 Owns: argument parsing, progress and summary printing, turning errors into one-line messages
 and a non-zero exit. Does not own any generation logic (`pipeline.py`).
@@ -63,7 +64,54 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder overriding the model's")
     d.add_argument("--out", required=True, help="output .mp4")
     d.add_argument("--sheet", default=None, help="also write a PNG contact sheet of the frames")
+    s = sub.add_parser("serve", help="serve streams over HTTP/WebSocket with a live page (needs the serve extra)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--model", default="default", help="'default' or a model folder")
+    s.add_argument("--checkpoint", default=None, help="DiT weights overriding the model's (as for generate)")
+    s.add_argument("--config", default=None, help="config preset for --checkpoint")
+    s.add_argument("--backend", default="eager", choices=BACKENDS, help="DiT backend")
+    s.add_argument("--engine", default=None, help="engine folder built with --batch equal to --max-streams")
+    s.add_argument("--device", default="cpu", help="device of the DiT")
+    s.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder overriding the model's")
+    s.add_argument("--text-encoder", default=None, help="local umT5 folder overriding the model's")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--max-streams", type=int, default=4,
+                   help="concurrent streams, batched into one step call (the engine's static batch)")
+    s.add_argument("--max-chunks", type=int, default=64, help="longest stream, in chunks")
+    s.add_argument("--buffer-chunks", type=int, default=2, help="finished chunks a stream may hold unsent")
+    s.add_argument("--stall-timeout", type=float, default=10.0,
+                   help="seconds a client may leave a full buffer unread before its stream is dropped")
+    s.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (needs the ray extra)")
+    s.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
+    s.add_argument("--log-level", default="info", help="uvicorn log level")
     return ap
+
+
+def _serve(args) -> int:
+    for name, value, lo in (("--max-streams", args.max_streams, 1), ("--max-chunks", args.max_chunks, 1),
+                            ("--buffer-chunks", args.buffer_chunks, 1), ("--replicas", args.replicas, 1),
+                            ("--port", args.port, 0)):
+        if value < lo:
+            raise ValueError(f"{name} must be >= {lo}; got {value}")
+    if args.replicas > 1 and not args.ray:
+        raise ValueError("--replicas needs --ray (one process serves one replica)")
+    if args.config and not args.checkpoint:
+        args.checkpoint = "random"
+    options = dict(max_streams=args.max_streams, max_chunks=args.max_chunks, buffer_chunks=args.buffer_chunks,
+                   stall_timeout_s=args.stall_timeout)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
+    if args.ray:
+        from .serve.ray import run_ray
+        return run_ray(vars(args), host=args.host, port=args.port, replicas=args.replicas, **options)
+    from .serve.app import serve
+    serve(_pipeline(args, batch=args.max_streams), host=args.host, port=args.port, log_level=args.log_level,
+          **options)
+    return 0
 
 
 def _generate(args) -> int:
@@ -129,14 +177,15 @@ def _generate(args) -> int:
     return 0
 
 
-def _pipeline(args):
+def _pipeline(args, batch: int = 1):
     from .pipeline import Pipeline
 
     if args.checkpoint:  # a bare DiT checkpoint with the default VAE/text encoder of its config
         return Pipeline.from_checkpoint(args.checkpoint, args.config, backend=args.backend, engine=args.engine,
-                                        vae=args.vae, text_encoder=args.text_encoder, device=args.device)
+                                        vae=args.vae, text_encoder=args.text_encoder, device=args.device,
+                                        batch=batch)
     return Pipeline.from_pretrained(args.model, backend=args.backend, engine=args.engine, vae=args.vae,
-                                    text_encoder=args.text_encoder, device=args.device)
+                                    text_encoder=args.text_encoder, device=args.device, batch=batch)
 
 
 def _encode_prompt(args) -> int:
@@ -192,7 +241,8 @@ def _decode(args) -> int:
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        return {"generate": _generate, "encode-prompt": _encode_prompt, "decode": _decode}[args.command](args)
+        return {"generate": _generate, "encode-prompt": _encode_prompt, "decode": _decode,
+                "serve": _serve}[args.command](args)
     except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, RuntimeError, ImportError) as e:
         msg = str(e).strip().splitlines()
         print(f"error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)

@@ -124,17 +124,18 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str = "default", backend: str = "eager", engine: str | None = None,
                         checkpoint: str | None = None, vae: str | None = None, text_encoder: str | None = None,
-                        device: str = "cpu") -> "Pipeline":
+                        device: str = "cpu", batch: int = 1) -> "Pipeline":
         """`path`: "default" (the embedded model) or a model folder (layout in the module doc).
         `backend`: eager | compile | ort | aoti | trt; engines come from `engine` (a folder built
-        by `python -m export.build`) or are looked up under `engines/` by their manifest."""
+        by `python -m export.build`) or are looked up under `engines/` by their manifest.
+        `batch`: the engine's static batch (the server's --max-streams; streams use batch 1)."""
         from .registry import ASSETS, default_is_trained, load_dit
 
         if path == "default":
             loaded = load_dit(checkpoint or "default", device=device)
             trained_assets = default_is_trained()
             return cls._assemble(loaded, vae or (ASSETS / "vae" if trained_assets else None),
-                                 text_encoder or "default", backend, engine, "default", DEFAULT_FPS)
+                                 text_encoder or "default", backend, engine, "default", DEFAULT_FPS, batch)
         root = Path(path)
         if not (root / "config.json").is_file():
             raise FileNotFoundError(f"model folder {root} not found or has no config.json; expected 'default' or a "
@@ -145,12 +146,12 @@ class Pipeline:
         te = text_encoder or meta.get("text_encoder", "text_encoder")
         te = te if te == "default" or Path(te).is_absolute() else str(root / te)
         return cls._assemble(loaded, vae or root / "vae", te, backend, engine, str(root),
-                             int(meta.get("fps", DEFAULT_FPS)))
+                             int(meta.get("fps", DEFAULT_FPS)), batch)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, config: str | ModelConfig | None = None, backend: str = "eager",
                         engine: str | None = None, vae: str | None = None, text_encoder: str | None = None,
-                        device: str = "cpu") -> "Pipeline":
+                        device: str = "cpu", batch: int = 1) -> "Pipeline":
         """A bare DiT checkpoint (or "random") at `config`. Without `vae`, a tiny random-weight VAE
         with Wan's strides decodes (for plumbing and speed checks); without `text_encoder`, the
         default sentence encoder serves configs with text_dim 384, and others need a umT5 folder."""
@@ -160,10 +161,11 @@ class Pipeline:
         if text_encoder is None and loaded.config.text_dim != 384:
             raise ValueError(f"config {loaded.config.name!r} takes text_dim={loaded.config.text_dim} embeddings; "
                              f"give --text-encoder PATH (a local umT5 folder)")
-        return cls._assemble(loaded, vae, text_encoder or "default", backend, engine, str(checkpoint), DEFAULT_FPS)
+        return cls._assemble(loaded, vae, text_encoder or "default", backend, engine, str(checkpoint), DEFAULT_FPS,
+                             batch)
 
     @classmethod
-    def _assemble(cls, loaded, vae, text_encoder, backend, engine, model_name, fps) -> "Pipeline":
+    def _assemble(cls, loaded, vae, text_encoder, backend, engine, model_name, fps, batch=1) -> "Pipeline":
         from .text import load_text_encoder
         from .vae import VideoVAE
 
@@ -175,7 +177,7 @@ class Pipeline:
         if text.text_dim != cfg.text_dim:
             raise ValueError(f"text encoder gives {text.text_dim}-dim embeddings; the DiT expects text_dim="
                              f"{cfg.text_dim}")
-        step = make_step(backend, loaded, engine)
+        step = make_step(backend, loaded, engine, **({"batch": batch} if batch != 1 else {}))
         info = {"model": model_name, "trained": loaded.trained, "weights_hash": loaded.weights_hash,
                 "backend": getattr(step, "name", backend), "vae": str(vae) if vae else "tiny random"}
         return cls(cfg, step, text, vae_obj, fps, info)

@@ -58,9 +58,10 @@ class ChunkOut:
     frames: np.ndarray | None  # uint8 [T, H, W, 3] (None when the stream does not decode)
     prompt: str                # the prompt this chunk was generated under
     switched: bool             # first chunk under a new prompt
-    gen_s: float               # from the chunk's first tick to its latents (batched steps, queueing)
+    gen_s: float               # from the chunk's first tick to its latents (its batched steps)
+    wait_s: float              # then held in the slot's buffer until the consumer took it
     decode_s: float            # VAE decode
-    latency_s: float           # from the chunk's first tick to its frames
+    latency_s: float           # gen_s + decode_s: the chunk's own production time (held back excluded)
     ready_s: float             # since the stream was opened (time to first frame for chunk 0)
 
 
@@ -435,7 +436,7 @@ class SlotStream:
                     raise TimeoutError(f"no chunk within {timeout} s")
                 cond.wait(timeout=0.25 if left is None else min(left, 0.25))
             index, latents, prompt, switched, started, done = slot.out.popleft()
-            slot.last_take = time.perf_counter()
+            taken = slot.last_take = time.perf_counter()
             cond.notify_all()  # the slot may run again
         self._taken += 1
         frames, decode_s = None, 0.0
@@ -445,9 +446,8 @@ class SlotStream:
             t0 = time.perf_counter()
             frames = to_uint8_frames(self._decoder.decode_chunk(latents.to(self.engine.pipe.vae.device)))
             decode_s = time.perf_counter() - t0
-        now = time.perf_counter()
-        return ChunkOut(index, latents, frames, prompt, switched, done - started, decode_s, now - started,
-                        now - slot.opened)
+        return ChunkOut(index, latents, frames, prompt, switched, done - started, taken - done, decode_s,
+                        done - started + decode_s, time.perf_counter() - slot.opened)
 
     def switch_prompt(self, prompt: str, mode: str | None = None):
         """Switch from the next chunk boundary on (`mode`: recache (default: the stream's) or cut)."""
