@@ -84,6 +84,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="seconds a client may leave a full buffer unread before its stream is dropped")
     s.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (needs the ray extra)")
     s.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
+    s.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. 'auto' on a node of it; default: start a local one)")
+    s.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (with --ray)")
     s.add_argument("--log-level", default="info", help="uvicorn log level")
     return ap
 
@@ -107,7 +110,8 @@ def _serve(args) -> int:
         raise ImportError(f"serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
     if args.ray:
         from .serve.ray import run_ray
-        return run_ray(vars(args), host=args.host, port=args.port, replicas=args.replicas, **options)
+        return run_ray(vars(args), host=args.host, port=args.port, replicas=args.replicas, address=args.ray_address,
+                       cpus_per_replica=args.ray_cpus, **options)
     from .serve.app import serve
     serve(_pipeline(args, batch=args.max_streams), host=args.host, port=args.port, log_level=args.log_level,
           **options)

@@ -69,7 +69,8 @@ def _outcome(reason: str | None) -> str:
     return (reason or "closed").split(":")[0].split(" ")[0]
 
 
-def create_app(engine: SlotEngine, limits: Limits | None = None) -> FastAPI:
+def create_app(engine: SlotEngine, limits: Limits | None = None, replica: str | None = None) -> FastAPI:
+    """The app over `engine`; `replica` names this process in answers (Ray Serve runs several)."""
     pipe, cfg = engine.pipe, engine.config
     limits = limits or Limits.for_config(cfg)
     metrics = Metrics(engine)
@@ -81,7 +82,8 @@ def create_app(engine: SlotEngine, limits: Limits | None = None) -> FastAPI:
                 "frames_per_chunk": cfg.pixel_frames_for(cfg.frames_per_chunk),
                 "default_frames": cfg.pixel_frames_for(cfg.cache_chunks * cfg.frames_per_chunk),
                 "max_frames": limits.max_frames, "max_prompt_chars": limits.max_prompt_chars,
-                "steps": [1, 2, 3, 4], "max_streams": engine.max_streams, "streams_active": engine.active}
+                "steps": [1, 2, 3, 4], "max_streams": engine.max_streams, "streams_active": engine.active,
+                "replica": replica}
 
     async def open_stream(req: StreamRequest, decode: bool = True):
         init = None
@@ -104,7 +106,7 @@ def create_app(engine: SlotEngine, limits: Limits | None = None) -> FastAPI:
     @app.get("/healthz")
     async def healthz():
         body = {"status": "ok" if engine.healthy else "failed", "streams_active": engine.active,
-                "max_streams": engine.max_streams}
+                "max_streams": engine.max_streams, **({"replica": replica} if replica else {})}
         if not engine.healthy:
             body["error"] = f"{type(engine.error).__name__}: {engine.error}" if engine.error else "engine stopped"
         return JSONResponse(body, status_code=200 if engine.healthy else 503)
@@ -195,7 +197,7 @@ def create_app(engine: SlotEngine, limits: Limits | None = None) -> FastAPI:
             return await fail(CLOSE_POLICY, str(e), "bad_request")
         t0 = time.perf_counter()
         try:
-            await send_json({"type": "started", "slot": stream.row, "chunks": stream.num_chunks,
+            await send_json({"type": "started", "slot": stream.row, "chunks": stream.num_chunks, "replica": replica,
                              "width": cfg.width, "height": cfg.height, "fps": pipe.fps, "prompt": req.prompt,
                              "steps": req.steps, "ffe": req.ffe, "seed": req.seed})
 
