@@ -253,3 +253,23 @@ def test_batched_engine_slots_equal_eager_solo(pipe, tmp_path_factory, backend, 
     engine.close()
     assert_close(lat_a, _solo(pipe, PROMPTS[0], 2, True, 2, 5), 1e-4, f"{backend} batch-3 slot a vs eager solo")
     assert_close(lat_b, _solo(pipe, PROMPTS[1], 1, False, 3, 4), 1e-4, f"{backend} batch-3 slot b vs eager solo")
+
+
+def test_live_cache_step_in_slots(pipe):
+    """A step that attends to the cache in place (EagerStep(live_cache=True), the CUDA default)
+    gets the work-chunk cache layout and gives the same streams."""
+    import copy
+
+    from asd_deploy.generator import EagerStep
+
+    cfg = pipe.config
+    live = copy.copy(pipe)
+    live.step = EagerStep(pipe.step.model, live_cache=True)
+    engine = SlotEngine(live, 2)
+    assert engine.cache_k.shape[2] == cfg.cache_tokens + cfg.tokens_per_chunk
+    a = engine.open(PROMPTS[0], seed=1, frames=_frames(cfg, 5), decode=False)
+    b = engine.open(PROMPTS[1], seed=2, steps=2, frames=_frames(cfg, 4), decode=False)
+    lat_a, lat_b = (torch.cat([c.latents for c in _run(s)], 2) for s in (a, b))
+    engine.close()
+    assert_close(lat_a, _solo(pipe, PROMPTS[0], 1, True, 1, 5), 1e-4, "live-cache slot a")
+    assert_close(lat_b, _solo(pipe, PROMPTS[1], 2, True, 2, 4), 1e-4, "live-cache slot b")

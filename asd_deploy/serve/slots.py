@@ -202,8 +202,11 @@ class SlotEngine:
         self.max_streams, self.buffer_chunks, self.stall_timeout_s = max_streams, buffer_chunks, stall_timeout_s
         self.device, self.dtype = step.device, step.dtype
         cfg, b = self.config, max_streams
-        # the batched state, allocated once: one row per slot
-        self.cache_k = torch.zeros(cfg.cache_shape(b), dtype=self.dtype, device=self.device)
+        # the batched state, allocated once: one row per slot. A live-cache step (eager on CUDA)
+        # attends in place and wants one chunk of work slots after the cache (KVCache(work_chunk)).
+        shape = list(cfg.cache_shape(b))
+        shape[2] += cfg.tokens_per_chunk if getattr(step, "live_cache", False) else 0
+        self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cache_v = torch.zeros_like(self.cache_k)
         self.cross_k = torch.zeros(cfg.cross_shape(b), dtype=self.dtype, device=self.device)
         self.cross_v = torch.zeros_like(self.cross_k)
