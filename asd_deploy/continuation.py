@@ -78,7 +78,7 @@ def decode_init_bytes(data: bytes) -> np.ndarray:
         except Exception as e:
             raise ValueError(f"init: a damaged image ({type(e).__name__}); expected png or jpg bytes") from None
     with tempfile.TemporaryDirectory() as tmp:  # ffmpeg reads containers from a file
-        f = Path(tmp) / "init"
+        f = Path(tmp) / "init.mp4"  # ffmpeg probes the content; the name only satisfies imageio
         f.write_bytes(data)
         try:
             from .video import read_mp4

@@ -2,6 +2,7 @@
 WebSocket clients. Frames are compared with the pipeline's solo run of the same seed (lossless
 paths: RGB H.264 at qp 0, PNG), exact up to 1 level where a latent rounds the other way."""
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -115,9 +116,10 @@ def test_full_house_refused_and_disconnect_frees_the_slot(server, pipe):
     from websockets.sync.client import connect
 
     long = dict(type="start", frames=_chunks(pipe, 60), realtime=True)  # paced: outlives the test
+    stack = contextlib.ExitStack()
     clients = []
     for i in range(4):
-        ws = connect(server.ws_url, max_size=None)
+        ws = stack.enter_context(connect(server.ws_url, max_size=None))
         ws.send(json.dumps({**long, "prompt": PROMPTS[i]}))
         assert json.loads(ws.recv(timeout=60))["type"] == "started"
         clients.append(ws)
@@ -129,8 +131,13 @@ def test_full_house_refused_and_disconnect_frees_the_slot(server, pipe):
     server.wait_active(3)
     messages, frames, code = ws_stream(server.ws_url, dict(type="start", prompt=PROMPTS[4], frames=_chunks(pipe, 2)))
     assert code == 1000 and messages[-1]["reason"] == "complete" and len(frames) == 2
-    for ws in clients[1:]:
-        ws.close()
+    stack.close()
+    server.wait_active(0)
+    # an HTTP client that leaves mid-video frees its slot too
+    with httpx.stream("GET", server.url + "/v1/video", params={"prompt": "a", "frames": _chunks(pipe, 300)},
+                      timeout=60) as r:
+        assert r.status_code == 200 and next(r.iter_raw())
+        server.wait_active(1)
     server.wait_active(0)
 
 
@@ -235,7 +242,7 @@ def test_slow_client_is_dropped_others_unaffected(server, pipe):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
     sock.connect(("127.0.0.1", server.port))
-    slow = wsc.connect(server.ws_url, sock=sock, max_size=None)
+    slow = contextlib.ExitStack().enter_context(wsc.connect(server.ws_url, sock=sock, max_size=None))
     slow.send(json.dumps({"prompt": PROMPTS[0], "frames": _chunks(pipe, 400), "format": "png"}))
     messages, frames, code = ws_stream(server.ws_url, dict(prompt=PROMPTS[1], seed=4, frames=_chunks(pipe, 3),
                                                            format="png"))
