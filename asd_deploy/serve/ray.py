@@ -77,6 +77,7 @@ def build_app(args: dict):
 def run_ray(args: dict, *, host: str, port: int, replicas: int, address: str | None = None,
             cpus_per_replica: float = 1.0, **options) -> int:
     """Start (or join, with `address`) a Ray cluster, serve the app on host:port until interrupted."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine
     try:
         import ray
         from ray import serve

@@ -6,7 +6,8 @@ stream's handle: iterate for decoded chunks, switch its prompt, close it). Does 
 WebSockets (`app.py`), the model or backends (reached through the `Pipeline`), or media encoding.
 
 How a tick works. Each active slot runs a program (`_Slot._program`) that mirrors
-`generator.generate` exactly: it draws its noise from its own seeded generator in the same order,
+`generator.generate` exactly: it draws its noise from its own seeded generator in the same order
+(`generator.draw_noise`, chunk by chunk),
 and instead of calling the step it yields one operation at a time (a denoising step, or a clean
 pass that writes the chunk's keys/values). The loop gathers the pending operation of every
 runnable slot into the batch rows [B, ...] (idle rows: zeros at position 0, no cache), calls the
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from ..cache import chunk_slot
+from ..generator import draw_noise
 from ..schedule import Schedule, flow_to_x0, renoise
 
 SWITCH_MODES = ("recache", "cut")
@@ -108,14 +110,14 @@ class _Slot:
                 yield from self._write(self.init[:, :, c * cfg.frames_per_chunk:(c + 1) * cfg.frames_per_chunk])
         sched_chunk = 0
         for n in range(self.num_chunks):
-            x = torch.randn(cfg.chunk_shape(1), generator=self.gen, device=eng.device, dtype=torch.float32)
             sigmas = self.schedule.sigmas_for_chunk(sched_chunk)
+            noise = draw_noise(self.gen, cfg.chunk_shape(1), sigmas, eng.device)  # the solo loop's draws
+            x, eps = noise[0], iter(noise[1:])
             for i, sigma in enumerate(sigmas[:-1]):
                 flow = yield _Op(x, 1000.0 * sigma, self.next_chunk * cfg.frames_per_chunk, self._visible(), None)
                 x0 = flow_to_x0(x, flow.float(), sigma)
                 if sigmas[i + 1] > 0:
-                    eps = torch.randn(x.shape, generator=self.gen, device=eng.device, dtype=torch.float32)
-                    x = renoise(x0, eps, sigmas[i + 1])
+                    x = renoise(x0, next(eps), sigmas[i + 1])
             self._emit(n, x0)
             sched_chunk += 1
             if n + 1 == self.num_chunks:
