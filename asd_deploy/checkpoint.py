@@ -86,27 +86,94 @@ def is_diffusers_state_dict(sd: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _torch_load(path: Path) -> dict:
+def sniff_format(path: Path) -> str:
+    """"zip" (torch.save), "pickle" (legacy torch.save), "safetensors", "empty" or "unknown",
+    from the first bytes, so a damaged or foreign file is named for what it is."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = path.stat().st_size
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # pickle PROTO opcode
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"  # u64 header length, then the JSON header
+    return "unknown"
+
+
+_SAFE_MODULES = ("torch", "collections", "_codecs")  # what torch's weights_only unpickler may import
+
+
+def _code_references(path: Path, kind: str, limit: int = 1 << 26) -> list[str]:
+    """The globals (module.name) outside torch's own that the file's pickle would import, read
+    with pickletools without running anything; [] for damage that merely fails to parse."""
+    import pickletools
+    import zipfile
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if kind == "zip":
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit)
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return []
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings = (strings + [arg])[-2:]
+            if op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                found.append(".".join(strings))
+    except Exception:  # garbage after the last whole opcode: keep what was read
+        pass
+    return [g for g in found if g.split(".")[0] not in _SAFE_MODULES]
+
+
+def _corrupt(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"cannot read {path}: {what}. Expected a whole .pt/.pth (torch.save) or .safetensors "
+                           f"file or a diffusers WanTransformer3DModel folder; re-copy or re-save it")
+
+
+def load_torch_file(path: Path):
+    """A torch file read with `weights_only=True`; a damaged, foreign or code-carrying file raises
+    `CheckpointError` saying which."""
+    path = Path(path)
+    kind = sniff_format(path)
+    if kind == "empty":
+        raise _corrupt(path, "the file is empty")
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    if kind == "unknown":
+        raise _corrupt(path, "it is neither a torch file (zip or pickle) nor safetensors")
+    try:  # only the zip format can be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refused to load {path}: it is a pickle that needs more than tensors and plain "
-            f"containers to load (it could run code). Re-save it as a plain state dict or "
-            f"safetensors from a trusted environment. Details: {str(e).splitlines()[0]}") from None
-    except RuntimeError as e:
-        if "mmap" in str(e):  # legacy (non-zip) torch format cannot be memory-mapped
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e2:
-                raise CheckpointError(f"refused to load {path}: unsafe pickle ({e2})") from None
-        raise CheckpointError(f"cannot read {path} as a torch file: {e}") from None
+        code = _code_references(path, kind)
+        if code:
+            raise CheckpointError(
+                f"refused to load {path}: it is a pickle that needs more than tensors and plain "
+                f"containers to load (it could run code: it names {code[:4]}). Re-save it as a plain state "
+                f"dict or safetensors from a trusted environment") from None
+        raise _corrupt(path, f"truncated or corrupt torch {kind} file ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # EOFError, RuntimeError (bad zip), KeyError, IndexError, ...: damaged data
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise _corrupt(path, f"truncated or corrupt torch {kind} file ({type(e).__name__}: {first})") from None
 
 
 def _read_safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError: truncated, oversized or malformed header
+        raise _corrupt(path, f"not a whole safetensors file ({str(e).splitlines()[0][:200]})") from None
 
 
 def _read_diffusers_folder(path: Path) -> dict:
@@ -115,7 +182,10 @@ def _read_diffusers_folder(path: Path) -> dict:
     if single.exists():
         return _read_safetensors(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise _corrupt(index, f"not a diffusers index ({type(e).__name__}: {e})") from None
         sd = {}
         for s in shards:
             sd.update(_read_safetensors(path / s))
@@ -160,7 +230,7 @@ def read_state_dict(path: str | os.PathLike, prefer: str = "generator_ema") -> d
     elif path.suffix == ".safetensors":
         sd = _read_safetensors(path)
     else:
-        sd = unwrap_training_checkpoint(_torch_load(path), prefer)
+        sd = unwrap_training_checkpoint(load_torch_file(path), prefer)
     return from_diffusers(sd) if is_diffusers_state_dict(sd) else sd
 
 
@@ -189,11 +259,35 @@ def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=torch.float32
 
     sd = read_state_dict(path, prefer)
     check_state_dict(sd, config)
+    check_weight_dtypes(sd, path)
     with torch.device("meta"):
         model = CausalWanDiT(config)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()},
                           strict=True, assign=True)
+    check_finite(model.state_dict(), path)
     return model.eval()
+
+
+def check_weight_dtypes(state_dict: dict, source="weights") -> None:
+    """Weights must be floating point: an int or bool tensor cast to float is not a trained weight."""
+    bad = sorted(f"{k} ({v.dtype})" for k, v in state_dict.items() if not v.is_floating_point())
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensors are not floating point: {bad[:6]}"
+                              f"{' ...' if len(bad) > 6 else ''}; expected fp32/fp16/bf16 weights")
+
+
+def check_finite(tensors: dict, source="weights") -> None:
+    """Raise naming the tensors that hold NaN or Inf. One flag per tensor stays on its device
+    and the host reads them once (one sync, not one per tensor)."""
+    names = [k for k, v in tensors.items() if v.is_floating_point() and v.numel()]
+    if not names:
+        return
+    flags = torch.stack([torch.isfinite(tensors[k]).all().to(tensors[names[0]].device) for k in names]).cpu()
+    if not bool(flags.all()):
+        bad = [k for k, ok in zip(names, flags.tolist()) if not ok]
+        raise CheckpointError(f"{source}: {len(bad)} tensors hold NaN or Inf: {bad[:6]}"
+                              f"{' ...' if len(bad) > 6 else ''}; the checkpoint is damaged or its training "
+                              f"diverged (it would give a blank video)")
 
 
 def state_dict_hash(state_dict: dict) -> str:

@@ -9,6 +9,7 @@ noise from one seeded `torch.Generator` in a fixed order, so a seed fixes the vi
 """
 from __future__ import annotations
 
+import numbers
 from typing import Iterator, Protocol
 
 import torch
@@ -85,7 +86,7 @@ def denoise_chunk(step: ChunkStep, noise: list[torch.Tensor], sigmas: list[float
         cache.append(k, v)
     x, eps = noise[0], iter(noise[1:])
     for i, sigma in enumerate(sigmas[:-1]):
-        t = torch.full((batch, fpc), 1000.0 * sigma, device=dev, dtype=dtype)
+        t = torch.full((batch, fpc), step.config.num_train_timesteps * sigma, device=dev, dtype=dtype)
         flow, _, _ = step(x.to(dtype), t, cross_k, cross_v, cache.k, cache.v, cache.frame_index, cache.cache_len)
         x0 = flow_to_x0(x, flow.float(), sigma)
         if sigmas[i + 1] > 0:
@@ -108,12 +109,22 @@ def prefill_cache(step: ChunkStep, cache: KVCache, latents: torch.Tensor, cross_
         cache.append(k, v)
 
 
+SEED_LIMIT = 2 ** 63  # the C++ runtime takes int64 seeds; torch.Generator wraps anything larger
+
+
+def check_seed(seed) -> int:
+    """A seed is an int in [0, 2**63): no silent truncation of 1.5, wrap-around of -1 or overflow."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**63); got {seed!r}")
+    return int(seed)
+
+
 class SeededNoise:
     """Inference noise: one seeded `torch.Generator`, drawn in loop order (chunk c's initial noise,
     then its re-noising draws, then chunk c + 1's). The C++ runtime draws in the same order."""
 
     def __init__(self, seed: int, device):
-        self.gen = torch.Generator(device=device).manual_seed(int(seed))
+        self.gen = torch.Generator(device=device).manual_seed(check_seed(seed))
         self.device = device
 
     def initial(self, chunk: int, shape) -> torch.Tensor:
@@ -181,7 +192,7 @@ def sample_chunks(step: ChunkStep, context: torch.Tensor, *, num_chunks: int, sc
         xin = x.to(dtype)
         if guidance is not None:
             xin = torch.cat([xin, xin])
-        t = torch.full((width, fpc), 1000.0 * sigma, device=dev, dtype=dtype)
+        t = torch.full((width, fpc), cfg.num_train_timesteps * sigma, device=dev, dtype=dtype)
         flow, _, _ = step(xin, t, cross_k, cross_v, cache.k, cache.v, cache.frame_index, cache.cache_len)
         flow = flow.float()
         if guidance is not None:

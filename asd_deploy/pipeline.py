@@ -14,8 +14,11 @@ Model folder layout (`Pipeline.from_pretrained(DIR)`):
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import threading
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -24,10 +27,16 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .generator import generate, num_chunks_for
+from .generator import check_seed, generate, num_chunks_for
 from .schedule import Schedule
 
 DEFAULT_FPS = 16
+KEEP_CHUNK_TIMINGS = 64     # per-chunk timings a Stream keeps (totals cover every chunk)
+PROMPT_CACHE_SIZE = 128     # prompt embeddings a Pipeline keeps, least recently used evicted first
+
+
+class NonFiniteError(RuntimeError):
+    """The model produced NaN or Inf: a damaged checkpoint or engine, or a numerical blow-up."""
 
 
 @dataclass
@@ -41,41 +50,64 @@ class ChunkTiming:
 
 @dataclass
 class StreamStats:
+    """Running totals over every chunk plus the timings of the last `keep` chunks (`chunks`), so a
+    stream of any length holds a fixed amount of memory."""
     text_s: float = 0.0
-    chunks: list[ChunkTiming] = field(default_factory=list)
+    keep: int = KEEP_CHUNK_TIMINGS
+    chunks: deque = field(default_factory=deque)   # ChunkTiming, the most recent `keep`
+    num_chunks: int = 0
+    frames: int = 0
+    dit_s: float = 0.0
+    vae_s: float = 0.0
+    first_frame_s: float = math.nan
 
-    @property
-    def frames(self) -> int:
-        return sum(c.frames for c in self.chunks)
+    def __post_init__(self):
+        self.chunks = deque(self.chunks, maxlen=self.keep)
 
-    @property
-    def first_frame_s(self) -> float:
-        return self.chunks[0].ready_s if self.chunks else float("nan")
+    def add(self, timing: ChunkTiming) -> None:
+        if not self.num_chunks:
+            self.first_frame_s = timing.ready_s
+        self.num_chunks += 1
+        self.frames += timing.frames
+        self.dit_s += timing.dit_s
+        self.vae_s += timing.vae_s
+        self.chunks.append(timing)
 
     def summary(self, fps_video: int) -> dict:
-        dit = sum(c.dit_s for c in self.chunks)
-        vae = sum(c.vae_s for c in self.chunks)
-        n = self.frames
+        dit, vae, n = self.dit_s, self.vae_s, self.frames
         return {"frames": n, "video_seconds": n / fps_video, "text_s": self.text_s, "dit_s": dit, "vae_s": vae,
                 "fps_dit_only": n / dit if dit else float("nan"),
                 "fps_with_vae": n / (dit + vae) if dit + vae else float("nan"),
                 "first_frame_s": self.first_frame_s}
 
 
+def _check_frames_arg(frames) -> None:
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 1):
+        raise ValueError(f"frames must be a positive integer (1 + 4k pixel frames) or None for the default "
+                         f"length; got {frames!r}")
+
+
 class Stream:
     """One generation. Iterate for uint8 frames [T, H, W, 3] per chunk; `stats` fills as it goes.
-    Owns its cache, noise generator and VAE decode state, so streams can run in parallel threads."""
+    Owns its cache, noise generator and VAE decode state, so streams can run in parallel threads.
+    Memory stays flat over any length: `latents` collects each chunk's latents only when
+    `keep_latents` (default: with `latents_only`); `last_latents` is always the latest chunk's."""
 
     def __init__(self, pipe: "Pipeline", prompt: str, steps: int, ffe: bool, seed: int, frames: int | None,
-                 latents_only: bool = False, init: torch.Tensor | None = None):
+                 latents_only: bool = False, init: torch.Tensor | None = None, ffe_steps: int = 4,
+                 keep_latents: bool | None = None):
         cfg = pipe.config
-        self.pipe, self.schedule = pipe, Schedule(steps=steps, ffe=ffe)
-        self.frames = frames or cfg.pixel_frames_for(cfg.cache_chunks * cfg.frames_per_chunk)
+        _check_frames_arg(frames)
+        check_seed(seed)
+        self.pipe, self.schedule = pipe, Schedule(steps=steps, ffe=ffe, ffe_steps=ffe_steps)
+        self.frames = cfg.pixel_frames_for(cfg.cache_chunks * cfg.frames_per_chunk) if frames is None else int(frames)
         self.num_chunks = num_chunks_for(cfg, self.frames)
         self.prompt, self.seed, self.latents_only = prompt, seed, latents_only
         self.init = init  # clean latents [1, C, F, h, w] the video continues from (continuation.py)
+        self.keep_latents = latents_only if keep_latents is None else keep_latents
         self.stats = StreamStats()
         self.latents: list[torch.Tensor] = []
+        self.last_latents: torch.Tensor | None = None
         self._it = self._run()
 
     def __iter__(self):
@@ -99,26 +131,35 @@ class Stream:
             if lat.is_cuda:  # the DiT's kernels are queued, not done: time them, not their launch
                 torch.cuda.synchronize(lat.device)
             tb = time.perf_counter()
-            self.latents.append(lat)
+            finite = torch.isfinite(lat).all()  # stays on the device; read after decode has synced anyway
             if decoder is None:
                 frames = np.zeros((0,), np.uint8)
                 n = self.pipe.config.frames_per_chunk
             else:
                 frames = to_uint8_frames(decoder.decode_chunk(lat.float().to(self.pipe.vae.device)))
                 n = frames.shape[0]
+            if not bool(finite):
+                raise NonFiniteError(f"chunk {i} of {self.num_chunks}: the DiT ({self.pipe.info.get('backend')}) "
+                                     f"produced NaN or Inf latents; its weights or engine are damaged (rebuild the "
+                                     f"engine, or check the checkpoint)")
+            self.last_latents = lat
+            if self.keep_latents:
+                self.latents.append(lat)
             tc = time.perf_counter()
-            self.stats.chunks.append(ChunkTiming(i, n, tb - ta, tc - tb, tc - t0))
+            self.stats.add(ChunkTiming(i, n, tb - ta, tc - tb, tc - t0))
             yield frames
 
 
 class Pipeline:
     """config + DiT backend + text encoder + VAE. Thread-safe for concurrent `stream`s."""
 
-    def __init__(self, config: ModelConfig, step, text_encoder, vae, fps: int = DEFAULT_FPS, info: dict | None = None):
+    def __init__(self, config: ModelConfig, step, text_encoder, vae, fps: int = DEFAULT_FPS, info: dict | None = None,
+                 prompt_cache_size: int = PROMPT_CACHE_SIZE):
         self.config, self.step, self.text_encoder, self.vae, self.fps = config, step, text_encoder, vae, fps
         self.info = info or {}
         self._prompt_lock = threading.Lock()
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, at most prompt_cache_size
+        self.prompt_cache_size = prompt_cache_size
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -127,7 +168,7 @@ class Pipeline:
                         device: str = "cpu", batch: int = 1) -> "Pipeline":
         """`path`: "default" (the embedded model) or a model folder (layout in the module doc).
         `backend`: eager | compile | ort | aoti | trt; engines come from `engine` (a folder built
-        by `python -m export.build`) or are looked up under `engines/` by their manifest.
+        by `python -m export.build`) or are looked up in the user's engine cache by their manifest.
         `batch`: the engine's static batch (the server's --max-streams; streams use batch 1)."""
         from .registry import ASSETS, default_is_trained, load_dit
 
@@ -184,19 +225,26 @@ class Pipeline:
 
     # ---- use --------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """[1, text_len, text_dim]; encoded once per prompt and kept."""
+        """[1, text_len, text_dim]; the last `prompt_cache_size` prompts are kept (LRU)."""
         with self._prompt_lock:
-            if prompt not in self._prompt_cache:
-                self._prompt_cache[prompt] = self.text_encoder.encode(prompt)
-            return self._prompt_cache[prompt]
+            if prompt in self._prompt_cache:
+                self._prompt_cache.move_to_end(prompt)
+                return self._prompt_cache[prompt]
+            emb = self.text_encoder.encode(prompt)
+            self._prompt_cache[prompt] = emb
+            while len(self._prompt_cache) > max(0, self.prompt_cache_size):
+                self._prompt_cache.popitem(last=False)
+            return emb
 
     def stream(self, prompt: str, steps: int = 1, ffe: bool = True, seed: int = 0, frames: int | None = None,
-               latents_only: bool = False, init=None) -> Stream:
-        """`init`: continue from a video or image (a path, uint8 frames [T, H, W, 3], or clean
+               latents_only: bool = False, init=None, ffe_steps: int = 4,
+               keep_latents: bool | None = None) -> Stream:
+        """One generation, chunk by chunk (see `Stream`). `ffe_steps`: steps on chunk 0 with `ffe`.
+        `init`: continue from a video or image (a path, uint8 frames [T, H, W, 3], or clean
         latents [1, C, F, h, w]; see continuation.py); the stream yields only the new frames."""
         if init is not None and not isinstance(init, torch.Tensor):
             init = self.init_latents(init)
-        return Stream(self, prompt, steps, ffe, seed, frames, latents_only, init)
+        return Stream(self, prompt, steps, ffe, seed, frames, latents_only, init, ffe_steps, keep_latents)
 
     def init_latents(self, init) -> torch.Tensor:
         """A path or uint8 frames [T, H, W, 3] -> clean latents [1, C, F, h, w] to prefill the cache."""
@@ -205,9 +253,10 @@ class Pipeline:
         frames = read_init(init) if isinstance(init, (str, Path)) else init
         return init_latents(self.vae, frames, self.config)
 
-    def __call__(self, prompt: str, steps: int = 1, ffe: bool = True, seed: int = 0, frames: int | None = None):
-        """The whole video: uint8 [T, H, W, 3] (and the stream, for stats and latents)."""
-        s = self.stream(prompt, steps, ffe, seed, frames)
+    def __call__(self, prompt: str, steps: int = 1, ffe: bool = True, seed: int = 0, frames: int | None = None,
+                 ffe_steps: int = 4):
+        """The whole video: uint8 [T, H, W, 3] (and the stream, for stats)."""
+        s = self.stream(prompt, steps, ffe, seed, frames, ffe_steps=ffe_steps)
         video = np.concatenate(list(s), axis=0)
         return video, s
 

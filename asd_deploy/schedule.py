@@ -5,7 +5,9 @@ timesteps for 1..4 steps, the per-chunk step plan with FFE, and the per-step upd
 (flow -> x0 -> re-noise). Does not own: drawing noise (the loop owns its seeded generator).
 
 Convention (as in Self-Forcing): `x_t = (1 - sigma) x0 + sigma eps`, the network predicts
-`v = eps - x0`, timestep = 1000 * sigma.
+`v = eps - x0`, and the network's timestep is `ModelConfig.num_train_timesteps * sigma` (1000 for
+Wan; the loop and training read it from the config). The sigmas themselves come from Self-Forcing's
+1000-entry shifted table (`TABLE_SIZE`), a constant of the schedule, not of the model.
 """
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ from dataclasses import dataclass
 import torch
 
 MAX_STEPS = 4
+TABLE_SIZE = 1000  # entries of Self-Forcing's shifted sigma table; sigma = table timestep / TABLE_SIZE
 
 
 def shift_sigma(sigma: float, shift: float = 5.0) -> float:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def denoising_timesteps(steps: int, shift: float = 5.0, num_train_timesteps: int = 1000) -> list[float]:
+def denoising_timesteps(steps: int, shift: float = 5.0, num_train_timesteps: int = TABLE_SIZE) -> list[float]:
     """`linspace(1000, 0, steps+1)[:-1]` warped onto the shifted table.
 
     Self-Forcing warps an integer step list t through `table[1000 - t]`, where table[i] is the
@@ -57,7 +60,7 @@ class Schedule:
 
     def sigmas_for_chunk(self, chunk: int) -> list[float]:
         """Sigmas of the chunk's steps followed by 0 (the clean end)."""
-        return [t / 1000.0 for t in self.timesteps_for_chunk(chunk)] + [0.0]
+        return denoising_sigmas(self.steps_for_chunk(chunk), self.shift) + [0.0]
 
     def describe(self) -> str:
         return f"{self.steps}-step" + (f" + FFE ({self.ffe_steps} steps on chunk 0)" if self.ffe else "")
@@ -85,6 +88,11 @@ class EulerSchedule:
 
     def describe(self) -> str:
         return f"{self.steps}-step Euler"
+
+
+def denoising_sigmas(steps: int, shift: float = 5.0) -> list[float]:
+    """The sigmas of `steps` denoising steps (no trailing 0), as the C++ runtime computes them."""
+    return [t / TABLE_SIZE for t in denoising_timesteps(steps, shift)]
 
 
 def flow_to_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -91,7 +91,15 @@ class VideoVAE:
             raise FileNotFoundError(f"VAE folder {root} has no weights file (found {found}); {expected}")
         from diffusers import AutoencoderKLWan
 
-        vae = AutoencoderKLWan.from_pretrained(str(root), local_files_only=True, torch_dtype=dtype)
+        from .checkpoint import CheckpointError, check_finite
+
+        try:  # low_cpu_mem_usage=False: what diffusers falls back to without accelerate, minus its advice
+            vae = AutoencoderKLWan.from_pretrained(str(root), local_files_only=True, torch_dtype=dtype,
+                                                   low_cpu_mem_usage=False)
+        except Exception as e:  # an unsafe pickle (.bin), truncated safetensors, a config of another model
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(f"VAE folder {root} does not load ({type(e).__name__}: {first}); {expected}") from None
+        check_finite(vae.state_dict(), f"VAE {root}")
         return cls(vae.to(device), source=str(root))
 
     @classmethod

@@ -12,15 +12,27 @@ import numpy as np
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail before any work if `path` cannot be written (missing folder, no permission)."""
+    """Fail before any work if `path` cannot be written: missing folder, a folder in its place, a
+    read-only file already there (never silently replaced), or a folder that refuses new files.
+    The last is tried for real (a probe file is created and removed): permission bits do not tell,
+    e.g. for root under /sys or on a read-only mount."""
+    import tempfile
+
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write {path}: folder {parent} is not writable")
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name")
+    if path.exists() and not path.stat().st_mode & 0o222:
+        raise PermissionError(f"cannot write {path}: it exists and is read-only; remove it or choose another name")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write {path}: folder {parent} does not accept new files "
+                              f"({e.strerror or e})") from None
     return path
 
 
@@ -67,6 +79,8 @@ def contact_sheet(frames: np.ndarray, path, cols: int = 8, every: int = 1, scale
     """A PNG grid of every `every`-th frame, each upscaled `scale`x (nearest) for viewing."""
     import imageio.v2 as iio
 
+    if Path(path).suffix.lower() != ".png":
+        raise ValueError(f"a contact sheet is a PNG: its name must end in .png; got {Path(path).name!r}")
     frames = _check_frames(frames)[::every]
     if scale > 1:
         frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)

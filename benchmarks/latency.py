@@ -310,10 +310,14 @@ def main(argv=None):
     out = Path(args.out) if args.out else report_dir()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "latency.json", res)
-    write_report(res, out)
-    plots(res, out)
+    write_report(res, out)  # the reports first: a missing plotting library must not cost the numbers
     print((out / "latency.md").read_text())
-    print(f"written: {out}/latency.json, latency.md, chunk_latency.png, fps.png")
+    try:
+        plots(res, out)
+        print(f"written: {out}/latency.json, latency.md, chunk_latency.png, fps.png")
+    except ImportError as e:
+        print(f"written: {out}/latency.json, latency.md; plots skipped: {e.name or 'matplotlib'} is not installed "
+              f"(pip install -e '.[bench]')")
 
 
 if __name__ == "__main__":

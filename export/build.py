@@ -1,10 +1,16 @@
 """`python -m export.build`: build an engine folder (artifacts + manifest.json) for one model.
 
-    python -m export.build --steps 1 [--ffe] [--config tiny|small|medium|wan2.1-1.3b]
+    python -m export.build --steps 1 [--no-ffe] [--ffe-steps 4] [--config tiny|small|medium|wan2.1-1.3b]
         [--checkpoint PATH|default|random] [--backend ort|aoti|trt] [--precision fp32|fp16|bf16]
-        [--opset 18|23] [--batch 1] [--out engines/] [--force] [--no-validate]
+        [--opset 18|23] [--batch 1] [--out DIR | --engine DIR] [--force] [--no-validate] [--quiet]
 
-Owns: the build stages and the manifest they write. Stages, each skipped when its artifact
+Owns: the build stages and the manifest they write, where the folder goes, and one build per
+folder at a time. The folder is OUT/NAME, OUT by default the user's engine cache
+(`~/.cache/asd-deploy/engines`, see `asd_deploy.backends.manifest.engine_cache_dir`), NAME from
+config, schedule, backend, precision, opset, batch and the weights hash; `--engine DIR` builds
+exactly DIR (what a rebuild hint for a named folder says). A build holds an exclusive lock on
+the folder (`.build.lock`, released by the OS if the build is killed) and first removes the
+temporary files a killed build left there. Stages, each skipped when its artifact
 exists, is whole (size + sha256) and was made from the same inputs (a content key over config,
 weights hash, shapes, precision, opset, tool versions); `--force` rebuilds:
   ort:  export (step.onnx, cross_kv.onnx) -> optimize (ORT offline: *.opt.onnx) -> validate
@@ -23,17 +29,22 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import fcntl
 import json
+import os
 import shlex
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from asd_deploy.backends import open_engine
 from asd_deploy.backends.manifest import (FORMAT, MANIFEST_NAME, EngineError, artifact_matches, build_command,
-                                          engine_dir_name, file_record, host_info, stage_key, write_manifest)
+                                          engine_cache_dir, engine_dir_name, file_record, host_info, stage_key,
+                                          write_manifest)
 from asd_deploy.backends.signature import PRECISIONS, precision_dtype, signatures
 from asd_deploy.schedule import Schedule
 
@@ -52,12 +63,79 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+LOCK_NAME = ".build.lock"
+
+
+@contextmanager
+def build_lock(folder: Path, timeout: float | None = None, log=print):
+    """Hold an exclusive lock on `folder` for one build. A second build of the same folder waits
+    (or, after `timeout` seconds, raises naming the holder); the OS drops the lock of a killed build."""
+    f = open(Path(folder) / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            log(f"another build of {folder} is running (pid {holder}); waiting for it to finish")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | (0 if deadline is None else fcntl.LOCK_NB))
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise EngineError(f"another build of {folder} (pid {holder}) still holds {LOCK_NAME} after "
+                                          f"{timeout:.0f} s; wait for it, or stop it and rerun") from None
+                    time.sleep(0.1)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Temporary files and folders a killed build left (`atomic_write`, `atomic_dir` and
+    `write_atomically` names all start with a dot and carry `.tmp`/`.old-`). Call with the lock held."""
+    gone = []
+    for p in Path(folder).iterdir():
+        if p.name.startswith(".") and (".tmp" in p.name or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return sorted(gone)
+
+
+def _prepare_folder(folder: Path) -> None:
+    """Create the engine folder (and the cache above it, private) or say clearly why it cannot be."""
+    if folder.exists() and not folder.is_dir():
+        raise EngineError(f"cannot build into {folder}: it is a file, not a folder; choose another --out/--engine")
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EngineError(f"cannot build into {folder}: {parent} is a file, not a folder")
+            break
+    try:
+        if folder.parent == engine_cache_dir():
+            folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe.tmp.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink(missing_ok=True)  # a concurrent build may have cleaned it up already
+    except OSError as e:
+        raise EngineError(f"cannot build into {folder}: {e.strerror or e} ({type(e).__name__}); choose a writable "
+                          f"--out or --engine") from None
+
+
 def _read_partial(folder: Path) -> dict:
     """The previous manifest of this folder, finished or not (its artifact records let a rerun skip)."""
     try:
-        return json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
+        m = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return m if isinstance(m, dict) and isinstance(m.get("artifacts", {}), dict) else {}
 
 
 def _backend_version(backend: str) -> str:
@@ -83,7 +161,7 @@ def _tool_versions(backend: str) -> dict:
 def generate_command(engine: Path, backend: str, checkpoint: str, config_name: str, schedule: Schedule) -> str:
     cmd = ["python", "-m", "asd_deploy", "generate", "--backend", backend, "--engine", str(engine),
            "--steps", str(schedule.steps)]
-    cmd += ["--ffe", "--ffe-steps", str(schedule.ffe_steps)] if schedule.ffe else ["--no-ffe"]
+    cmd += ["--ffe-steps", str(schedule.ffe_steps)] if schedule.ffe else ["--no-ffe"]
     if checkpoint != "default":
         cmd += ["--checkpoint", checkpoint, "--config", config_name]
     return shlex.join(cmd)
@@ -139,25 +217,43 @@ def _validate(folder: Path, manifest: dict, model, batch: int) -> dict:
 
 
 def build(*, config: str | None = None, checkpoint: str = "default", backend: str = "ort",
-          precision: str = "fp32", steps: int = 1, ffe: bool = False, ffe_steps: int = 4, opset: int | None = None,
-          batch: int = 1, out="engines", force: bool = False, validate: bool = True, log=None) -> Path:
-    """Build (or bring up to date) one engine folder; returns its path."""
-    from asd_deploy.registry import load_dit
-
+          precision: str = "fp32", steps: int = 1, ffe: bool = True, ffe_steps: int = 4, opset: int | None = None,
+          batch: int = 1, out=None, engine=None, force: bool = False, validate: bool = True, log=None,
+          lock_timeout: float | None = None) -> Path:
+    """Build (or bring up to date) one engine folder; returns its path. `out`: parent folder
+    (default: the user's engine cache); `engine`: exactly this folder instead of OUT/NAME."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     opset = DEFAULT_OPSET.get(backend) if opset is None else opset
     schedule = Schedule(steps=steps, ffe=ffe, ffe_steps=ffe_steps)  # validates
     _check_request(backend, precision, opset, batch)
     t_start = time.perf_counter()
+    out = Path(out) if out is not None else engine_cache_dir()
+    if engine is None and out.exists() and not out.is_dir():
+        raise EngineError(f"--out {out} is a file; it must be the folder engine folders go in")
+    from asd_deploy.registry import load_dit
+
     loaded = load_dit(checkpoint, config)
     cfg = loaded.config
     dtype = precision_dtype(precision)
     model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
-    folder = Path(out) / engine_dir_name(cfg.name, steps, ffe, ffe_steps, backend, precision, opset, batch)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(engine) if engine is not None else out / engine_dir_name(
+        cfg.name, steps, ffe, ffe_steps, backend, precision, opset, batch, loaded.weights_hash)
+    _prepare_folder(folder)
+    with build_lock(folder, lock_timeout, log):
+        stale = remove_stale_temps(folder)
+        if stale:
+            log(f"removed what an interrupted build left: {', '.join(stale)}")
+        return _build_locked(folder, loaded, model, cfg, dtype, schedule, checkpoint=checkpoint, backend=backend,
+                             precision=precision, opset=opset, batch=batch, out=out, force=force, validate=validate,
+                             log=log, t_start=t_start)
+
+
+def _build_locked(folder, loaded, model, cfg, dtype, schedule, *, checkpoint, backend, precision, opset, batch, out,
+                  force, validate, log, t_start) -> Path:
+    steps, ffe, ffe_steps = schedule.steps, schedule.ffe, schedule.ffe_steps
     args = {"config": cfg.name, "checkpoint": checkpoint, "backend": backend, "precision": precision,
             "opset": opset, "batch": batch, "steps": steps, "ffe": ffe, "ffe_steps": ffe_steps, "out": str(out)}
-    rebuild = build_command(**args, force=True)
+    rebuild = build_command(**{k: v for k, v in args.items() if k != "out"}, engine=folder, force=True)
     log(f"engine {folder.name} -> {folder}")
     log(f"  model {cfg.name} ({checkpoint}{'' if loaded.trained else ', RANDOM weights'}), weights "
         f"{loaded.weights_hash[:12]}, {precision}, batch {batch}, {schedule.describe()}")
@@ -225,7 +321,7 @@ def build(*, config: str | None = None, checkpoint: str = "default", backend: st
             stage("export", f"{g}.onnx", key, lambda p, g=g: export_onnx(specs[g], p, opset))
         gpu, version = gpu_tag(), manifest["backend_version"]
         shapes_key = f"{cfg.name}-b{batch}-k{cfg.max_cache_frames}"
-        cache_file = Path(out) / timing_cache_name(version, gpu)
+        cache_file = folder.parent / timing_cache_name(version, gpu)
         # the ONNX opset each engine was parsed from (a parser without `Attention` falls back to 18)
         manifest["trt_onnx_opset"] = dict(old.get("trt_onnx_opset", {}))
         specs18, engines = None, {}
@@ -285,10 +381,10 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--steps", type=int, default=1, help="denoising steps per chunk the engine is built for (1-4)")
-    ap.add_argument("--ffe", action=argparse.BooleanOptionalAction, default=False,
+    ap.add_argument("--ffe", action=argparse.BooleanOptionalAction, default=True,
                     help="First-Frame Enhancement: the first chunk uses --ffe-steps (recorded in the manifest)")
-    ap.add_argument("--ffe-steps", type=int, default=4)
-    ap.add_argument("--config", default=None, help="config preset: tiny, small, medium, wan2.1-1.3b "
+    ap.add_argument("--ffe-steps", type=int, default=4, help="steps for the first chunk with --ffe")
+    ap.add_argument("--config", default=None, help="model config preset: tiny, small, medium, wan2.1-1.3b "
                                                      "(default: the default model's, or wan2.1-1.3b for a PATH)")
     ap.add_argument("--checkpoint", default="default", help="'default' (embedded model), 'random' (seeded random "
                                                             "weights at --config) or a checkpoint PATH")
@@ -296,25 +392,32 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
     ap.add_argument("--opset", type=int, default=None, help="ONNX opset (ort default 18; 23 = fused Attention)")
     ap.add_argument("--batch", type=int, default=1, help="static batch size")
-    ap.add_argument("--out", default="engines", help="parent folder of engine folders")
+    ap.add_argument("--out", default=None,
+                    help="parent folder of engine folders (default: your engine cache, $ASD_DEPLOY_ENGINES or "
+                         "$XDG_CACHE_HOME/asd-deploy/engines or ~/.cache/asd-deploy/engines)")
+    ap.add_argument("--engine", default=None, help="build exactly this engine folder (instead of OUT/NAME)")
     ap.add_argument("--force", action="store_true", help="rebuild every stage")
     ap.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                     help="run the engine once against the eager model and record the error")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines (errors and the result still print)")
     return ap
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    log = (lambda msg: None) if args.quiet else None
     try:
         folder = build(config=args.config, checkpoint=args.checkpoint, backend=args.backend,
                        precision=args.precision, steps=args.steps, ffe=args.ffe, ffe_steps=args.ffe_steps,
-                       opset=args.opset, batch=args.batch, out=args.out, force=args.force, validate=args.validate)
+                       opset=args.opset, batch=args.batch, out=args.out, engine=args.engine, force=args.force,
+                       validate=args.validate, log=log)
     except KeyboardInterrupt:
         print("interrupted: no finished manifest was written, so the engine will not load; rerun the same "
               "command to resume (finished stages are kept)", file=sys.stderr)
         return 130
-    except (EngineError, ValueError, RuntimeError, NotImplementedError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (EngineError, ValueError, RuntimeError, NotImplementedError, ImportError, OSError) as e:
+        msg = str(e) if not isinstance(e, OSError) or not e.strerror else f"{e.strerror}: {e.filename}"
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     m = json.loads((folder / MANIFEST_NAME).read_text())
     sched = Schedule(**{k: m["schedule"][k] for k in ("steps", "ffe", "ffe_steps", "shift")})

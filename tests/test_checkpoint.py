@@ -113,3 +113,53 @@ def _umask():
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def _corrupt_files(tmp_path, tiny_model):
+    """Every way a checkpoint file can be damaged or foreign, each with what its message must say."""
+    good = tmp_path / "good.pt"
+    torch.save(tiny_model.state_dict(), good)
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, tmp_path / "good.safetensors")
+    st = (tmp_path / "good.safetensors").read_bytes()
+    legacy = tmp_path / "legacy.pt"
+    torch.save(tiny_model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    files = {
+        "empty.pt": (b"", "is empty"),
+        "text.pt": (b"model weights go here\n", "neither a torch file"),
+        "random.pt": (bytes(range(7, 256)) * 40, "neither a torch file"),
+        "truncated.pt": (good.read_bytes()[: good.stat().st_size // 2], "truncated or corrupt torch zip"),
+        "truncated_legacy.pt": (legacy.read_bytes()[: legacy.stat().st_size // 2], "truncated or corrupt torch pickle"),
+        "truncated.safetensors": (st[: len(st) // 2], "not a whole safetensors file"),
+        "oversized_header.safetensors": ((2 ** 62).to_bytes(8, "little") + b"{}", "not a whole safetensors file"),
+        "random.safetensors": (bytes(range(256)) * 8, "not a whole safetensors file"),
+    }
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {tmp_path / n: needle for n, (_, needle) in files.items()}
+
+
+def test_damaged_files_are_named_for_what_they_are(tmp_path, tiny_cfg, tiny_model):
+    """No EOFError / IndexError / KeyError / SafetensorError escapes, and damage is never called
+    an unsafe pickle (that message is kept for files that really carry code)."""
+    for path, needle in _corrupt_files(tmp_path, tiny_model).items():
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path, tiny_cfg)
+        assert needle in str(e.value) and "refused" not in str(e.value), (path.name, str(e.value))
+    (tmp_path / "renamed.pt").write_bytes((tmp_path / "good.safetensors").read_bytes())  # safetensors named .pt
+    _same_weights(load_checkpoint(tmp_path / "renamed.pt", tiny_cfg), tiny_model)
+
+
+def test_non_finite_and_non_float_weights_are_refused(tmp_path, tiny_cfg, tiny_model):
+    sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    sd["blocks.1.ffn.2.weight"][3, 4] = float("nan")
+    sd["head.head.bias"][0] = float("inf")
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=r"2 tensors hold NaN or Inf: \['blocks.1.ffn.2.weight', 'head.head.bias'\]"):
+        load_checkpoint(tmp_path / "nan.pt", tiny_cfg)
+    ints = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    ints["head.head.weight"] = (ints["head.head.weight"] * 100).to(torch.int32)
+    ints["blocks.0.norm3.bias"] = ints["blocks.0.norm3.bias"] > 0
+    torch.save(ints, tmp_path / "ints.pt")
+    with pytest.raises(CheckpointError, match="2 tensors are not floating point") as e:
+        load_checkpoint(tmp_path / "ints.pt", tiny_cfg)
+    assert "torch.int32" in str(e.value) and "torch.bool" in str(e.value)

@@ -24,6 +24,7 @@ from export.build import build
 
 from conftest import assert_close, rand_context
 
+pytestmark = pytest.mark.slow  # a cmake build and an AOTInductor engine: about two minutes on 2 cores
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,7 +62,13 @@ def _prompt(tmp_path, cfg, seed=0, shape=None):
     return ctx, path
 
 
-@pytest.mark.parametrize("steps,ffe,chunks", [(None, None, 5), (2, 1, 7)], ids=["manifest-1step", "2step-ffe-rolling"])
+def _manifest_schedule(engine) -> Schedule:
+    s = json.loads((Path(engine) / "manifest.json").read_text())["schedule"]
+    return Schedule(steps=s["steps"], ffe=s["ffe"], ffe_steps=s["ffe_steps"])
+
+
+@pytest.mark.parametrize("steps,ffe,chunks", [(None, None, 5), (2, 1, 7)],
+                         ids=["manifest-schedule", "2step-ffe-rolling"])
 def test_cpp_latents_match_python(native, tmp_path, steps, ffe, chunks):
     """Same seed and prompt -> the same latents as the Python loop (eager model), through the
     rolling-window boundary (7 chunks > 3-chunk cache), per-chunk files equal the stacked file."""
@@ -72,7 +79,9 @@ def test_cpp_latents_match_python(native, tmp_path, steps, ffe, chunks):
                 "--chunk-dir", tmp_path / "chunks", *extra)
     assert r.returncode == 0, r.stderr
     got = torch.from_numpy(np.load(tmp_path / "lat.npy"))
-    sched = Schedule(steps=steps or 1, ffe=bool(ffe))
+    sched = _manifest_schedule(native[1]) if steps is None else Schedule(steps=steps, ffe=bool(ffe))
+    if steps is None:
+        assert sched == Schedule(1, True, 4)  # export.build's default: 1 step, FFE on with 4 steps
     ref = torch.cat(list(generate(EagerStep(loaded.model), ctx, num_chunks=chunks, schedule=sched, seed=11)), dim=2)
     assert got.shape == ref.shape
     assert_close(got, ref, 1e-4, f"C++ {sched.describe()} latents vs Python")
@@ -84,6 +93,32 @@ def test_cpp_latents_match_python(native, tmp_path, steps, ffe, chunks):
     assert other.returncode == 0 and not torch.allclose(torch.from_numpy(np.load(tmp_path / "o.npy")), got[:, :, :2 * fpc])
 
 
+def test_cpp_and_python_api_agree_on_ffe_steps(native, tmp_path):
+    """The engine's FFE step count (here 2, written into a copy's manifest) drives the C++ loop;
+    the Python API's `ffe_steps=2` gives the same latents, and they differ from 4 FFE steps."""
+    from asd_deploy.pipeline import Pipeline
+
+    engine = shutil.copytree(native[1], tmp_path / "ffe2")
+    m = json.loads((engine / "manifest.json").read_text())
+    m["schedule"] = Schedule(1, True, 2).to_dict()
+    (engine / "manifest.json").write_text(json.dumps(m))
+    pipe = Pipeline.from_pretrained("default")
+    prompt = "a green triangle moving up on a white background"
+    np.save(tmp_path / "p.npy", pipe.encode_prompt(prompt).numpy())
+    r = _stream(native, "--prompt", tmp_path / "p.npy", "--chunks", 3, "--seed", 4, "--out", tmp_path / "lat.npy",
+                engine=engine)
+    assert r.returncode == 0, r.stderr
+    got = torch.from_numpy(np.load(tmp_path / "lat.npy"))
+    frames = pipe.config.pixel_frames_for(3 * pipe.config.frames_per_chunk)
+
+    def python(ffe_steps):
+        s = pipe.stream(prompt, steps=1, ffe=True, ffe_steps=ffe_steps, seed=4, frames=frames, latents_only=True)
+        list(s)
+        return torch.cat(s.latents, dim=2)
+    assert_close(got, python(2), 1e-4, "C++ vs Python API, 1-step + FFE with 2 steps")
+    assert (got - python(4)).abs().max() > 1e-2
+
+
 def test_cpp_reads_encode_prompt_output(native, tmp_path):
     """The Python side's `encode-prompt` file feeds the C++ runtime directly."""
     out = tmp_path / "p.npy"
@@ -93,7 +128,8 @@ def test_cpp_reads_encode_prompt_output(native, tmp_path):
     r = _stream(native, "--prompt", out, "--chunks", 2, "--out", tmp_path / "lat.npy")
     assert r.returncode == 0, r.stderr
     ctx = torch.from_numpy(np.load(out))
-    ref = torch.cat(list(generate(EagerStep(native[2].model), ctx, num_chunks=2, seed=0)), dim=2)
+    ref = torch.cat(list(generate(EagerStep(native[2].model), ctx, num_chunks=2, seed=0,
+                                  schedule=_manifest_schedule(native[1]))), dim=2)
     assert_close(torch.from_numpy(np.load(tmp_path / "lat.npy")), ref, 1e-4, "C++ latents from encode-prompt")
     r = subprocess.run([sys.executable, "-m", "asd_deploy", "decode", "--latents", str(tmp_path / "lat.npy"),
                         "--out", str(tmp_path / "v.mp4")], capture_output=True, text=True, cwd=ROOT)
@@ -186,6 +222,20 @@ def test_c_abi_never_crashes_the_host(native, tmp_path):
     assert lib.asd_set_prompt_embedding(h, ctx.ctypes.data, ctx.size) == 0
     assert lib.asd_next_chunk(h, buf.ctypes.data, n.value - 1) == 1 and b"must hold" in lib.asd_last_error()
     assert lib.asd_next_chunk(h, buf.ctypes.data, n.value) == 0 and lib.asd_last_error() == b""
-    ref = next(generate(EagerStep(loaded.model), torch.from_numpy(ctx), num_chunks=1, seed=0))
-    assert_close(torch.from_numpy(buf).view(ref.shape), ref, 1e-4, "C ABI chunk 0")
+    ref = list(generate(EagerStep(loaded.model), torch.from_numpy(ctx), num_chunks=2, seed=0,
+                        schedule=_manifest_schedule(engine)))
+    assert_close(torch.from_numpy(buf).view(ref[0].shape), ref[0], 1e-4, "C ABI chunk 0")
+    second = np.zeros_like(buf)
+    assert lib.asd_next_chunk(h, second.ctypes.data, n.value) == 0
+    assert_close(torch.from_numpy(second).view(ref[1].shape), ref[1], 1e-4, "C ABI chunk 1")
+    # asd_reset: an empty cache and a reseeded generator, the prompt kept
+    lib.asd_reset.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    assert lib.asd_reset(None, 0) == 1
+    again = np.zeros_like(buf)
+    assert lib.asd_reset(h, 0) == 0 and lib.asd_next_chunk(h, again.ctypes.data, n.value) == 0
+    assert np.array_equal(again, buf)  # chunk 0 of seed 0 again, not chunk 2
+    assert lib.asd_reset(h, 5) == 0 and lib.asd_next_chunk(h, again.ctypes.data, n.value) == 0
+    ref5 = next(generate(EagerStep(loaded.model), torch.from_numpy(ctx), num_chunks=1, seed=5,
+                         schedule=_manifest_schedule(engine)))
+    assert_close(torch.from_numpy(again).view(ref5.shape), ref5, 1e-4, "C ABI chunk 0 after asd_reset(seed 5)")
     lib.asd_destroy(h)

@@ -18,7 +18,7 @@ import torch
 from training.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--config", "micro", "--stage", "all", "--no-progress", "--set", "teacher.steps=2",
+ARGS = ["--recipe", "micro", "--stage", "all", "--quiet", "--set", "teacher.steps=2",
         "--set", "distill.steps=2"]
 
 

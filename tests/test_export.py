@@ -1,6 +1,10 @@
 """Engines against eager PyTorch, and the build's bookkeeping: manifests, staleness, corruption,
-interrupted builds. Engines are built once per module into a temp folder."""
+interrupted builds, forced rebuilds, rebuild hints that work. Engines are built once per module
+into a temp folder (about a minute and a half on 2 cores: the module is `slow`; the manifest and
+discovery logic is checked without builds in tests/test_engines.py)."""
 import json
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +21,7 @@ from export.build import build
 
 from conftest import assert_close, rand_context
 
+pytestmark = pytest.mark.slow
 ENGINES = [("ort", 18), ("ort", 23), ("aoti", None)]
 
 
@@ -48,6 +53,7 @@ def test_backend_matches_eager(key, engines, loaded):
     ck, cv = eager.cross_kv(ctx)
     ck2, cv2 = step.cross_kv(ctx)
     assert_close(ck2, ck, 1e-4, f"{name} cross_k")
+    assert_close(cv2, cv, 1e-4, f"{name} cross_v")
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(cfg.chunk_shape(), generator=g), torch.full((1, 3), 640.0), ck, cv,
             torch.randn(cfg.cache_shape(), generator=g), torch.randn(cfg.cache_shape(), generator=g),
@@ -67,6 +73,18 @@ def test_exported_graph_depends_on_cache_input(engines):
     used = {n for node in m.graph.node for n in node.input}
     assert {"cache_k", "cache_v", "cache_len", "frame_index"} <= used
     assert not any(init.name.startswith("cache") for init in m.graph.initializer)  # never baked
+
+
+def test_opset23_graph_holds_the_fused_attention(engines, loaded):
+    """What the opset-23 engine is named for: ONNX's own `Attention` op, one per self- and
+    cross-attention of every block, kept through ORT's offline optimisation; opset 18 has none."""
+    layers = loaded.config.num_layers
+    for name in ("step.onnx", "step.opt.onnx"):
+        m = onnx.load(str(engines[0][("ort", 23)] / name))
+        att = [n for n in m.graph.node if n.op_type == "Attention"]
+        assert len(att) == 2 * layers and all(n.domain in ("", "ai.onnx") for n in att), name
+    m18 = onnx.load(str(engines[0][("ort", 18)] / "step.onnx"))
+    assert not [n for n in m18.graph.node if n.op_type == "Attention"]
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
@@ -95,11 +113,20 @@ def test_manifest_records_what_a_deployer_needs(engines, loaded):
     assert m["validation"]["outputs"]["flow"]["max_abs_err"] < 1e-4
 
 
-def test_rebuild_skips_stages_and_force_rebuilds(engines):
+def test_rebuild_skips_stages_and_force_rebuilds(engines, loaded, tmp_path):
     _, out = engines
     logs = []
     build(backend="ort", out=out, log=logs.append)
     assert any("up to date, skipped" in l for l in logs) and any("engine is up to date" in l for l in logs)
+    folder = shutil.copytree(engines[0][("ort", 18)], tmp_path / "forced")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    logs = []
+    assert build(backend="ort", engine=folder, force=True, log=logs.append) == folder
+    assert not any("skipped" in l or "up to date" in l for l in logs), logs
+    for artifact in ("step.onnx", "cross_kv.onnx", "step.opt.onnx", "cross_kv.opt.onnx"):
+        assert any(l.startswith(f"[") and f"] {artifact}: " in l for l in logs), artifact  # each stage ran
+        assert (folder / artifact).stat().st_mtime_ns > before[artifact], f"{artifact} was not rewritten"
+    make_backend("ort", loaded, engine=folder)  # and the rebuilt engine loads
 
 
 def test_stale_manifest_is_detected(engines, loaded, tmp_path):
@@ -151,13 +178,31 @@ def test_interrupted_build_never_loads(engines, loaded, tmp_path):
         make_backend("ort", loaded, engine=half)
 
 
-def test_build_cli_end_to_end_on_default_model(tmp_path):
+def test_rebuild_hint_fixes_a_damaged_renamed_engine(engines, loaded, tmp_path):
+    """The command an error names, run as printed, makes the same request succeed."""
+    folder = shutil.copytree(engines[0][("ort", 18)], tmp_path / "my-renamed-engine")
+    (folder / "step.opt.onnx").write_bytes(b"damaged")
+    with pytest.raises(EngineError) as e:
+        make_backend("ort", loaded, engine=folder)
+    cmd = shlex.split(str(e.value).split("rebuild: ")[-1])
+    assert cmd[:3] == ["python", "-m", "export.build"]
+    from export.build import main as build_main
+    assert build_main(cmd[3:] + ["--quiet"]) == 0
+    make_backend("ort", loaded, engine=folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-renamed-engine"]  # nothing built elsewhere
+
+
+def test_build_cli_end_to_end_on_default_model(tmp_path, loaded):
+    from asd_deploy.backends.manifest import engine_dir_name
+    folder = tmp_path / engine_dir_name("tiny", 1, True, 4, "ort", "fp32", 18, 1, loaded.weights_hash)
+    assert folder.name == f"tiny-s1f4-ort-fp32-op18-{loaded.weights_hash[:8]}"
+    (folder / ".step.onnx.tmp.killed").mkdir(parents=True)  # what a build killed mid-write leaves
     r = subprocess.run([sys.executable, "-m", "export.build", "--steps", "1", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    folder = tmp_path / "tiny-s1-ort-fp32-op18"
-    assert json.loads((folder / "manifest.json").read_text())["complete"]
-    assert "generate with: python -m asd_deploy generate --backend ort" in r.stdout + r.stderr
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["complete"] and m["schedule"]["ffe"] and m["schedule"]["ffe_steps"] == 4  # --ffe is on by default
+    assert f"generate with: python -m asd_deploy generate --backend ort --engine {folder}" in r.stdout
     assert not list(tmp_path.rglob("*.tmp*"))
     r = subprocess.run([sys.executable, "-m", "export.build", "--backend", "trt", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)

@@ -77,3 +77,30 @@ def test_bad_inputs(tiny_model, tiny_cfg):
         next(generate(step, rand_context(tiny_cfg), num_chunks=0))
     with pytest.raises(ValueError, match="multiple of 3"):
         next(generate(step, rand_context(tiny_cfg), num_chunks=1, prefill=torch.zeros(1, 16, 2, 4, 6)))
+
+
+def test_timesteps_follow_the_model_config(tiny_model, tiny_cfg):
+    """The network sees t = num_train_timesteps * sigma, read from the config (not a literal 1000)."""
+    import dataclasses
+
+    from asd_deploy.schedule import denoising_sigmas
+
+    inner = EagerStep(tiny_model)
+    seen = []
+
+    class Spy:
+        config = dataclasses.replace(tiny_cfg, num_train_timesteps=500)
+        dtype, device, cross_kv = inner.dtype, inner.device, inner.cross_kv
+
+        def __call__(self, x, t, *rest):
+            seen.append(t[0, 0].item())
+            return inner(x, t, *rest)
+    list(generate(Spy(), rand_context(tiny_cfg), num_chunks=2, schedule=Schedule(steps=2, ffe=True, ffe_steps=3)))
+    want = [500 * s for s in denoising_sigmas(3)] + [0.0] + [500 * s for s in denoising_sigmas(2)]
+    assert seen == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, 2 ** 63, True, "3"])
+def test_bad_seeds_are_refused(tiny_model, tiny_cfg, seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        next(generate(EagerStep(tiny_model), rand_context(tiny_cfg), num_chunks=1, seed=seed))

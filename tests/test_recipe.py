@@ -24,6 +24,7 @@ from conftest import assert_close, rand_context
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_vae_training_learns_and_normalizes(tmp_path):
     """Some dozens of steps on one clip cut the reconstruction loss, the saved folder loads, its
     latent statistics normalize the training clips to zero mean and unit std, and the report's
@@ -75,8 +76,8 @@ def test_inflated_vae_is_the_image_vae_on_every_frame():
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    r = subprocess.run([sys.executable, "-m", "training.train", "--config", "micro", "--steps", "2", "--out", str(out),
-                        "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "training.train", "--recipe", "micro", "--max-steps", "2", "--out", str(out),
+                        "--quiet"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     VideoVAE.tiny().save(out / "vae")
     return out

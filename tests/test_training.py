@@ -193,7 +193,7 @@ def test_asd_surrogate_gradient_equals_backprop_through_the_critic(cfg, layout, 
     def direct(nets):
         noise = StepRandom(0, 0).stream("x")
         n, x_n, x_n1 = asd_pair(nets.generator, ctx, 3, d, noise, grad=True)
-        sigma, eps, t = _score_timesteps(noise, x_n, d, fpc)
+        sigma, eps, t = _score_timesteps(noise, x_n, d, fpc, n=1000)
         h_f = feats(nets, add_noise(x_n, eps, sigma), t, _clean(x_n, d))
         h_r = feats(nets, add_noise(x_n1, eps, sigma), t, _clean(x_n1, d)).detach()
         return rpgan_g_loss(nets.disc(h_f, n), nets.disc(h_r, n))
@@ -201,7 +201,7 @@ def test_asd_surrogate_gradient_equals_backprop_through_the_critic(cfg, layout, 
     def surrogate(nets):
         noise = StepRandom(0, 0).stream("x")
         n, x_n, x_n1 = asd_pair(nets.generator, ctx, 3, d, noise, grad=True)
-        sigma, eps, t = _score_timesteps(noise, x_n, d, fpc)
+        sigma, eps, t = _score_timesteps(noise, x_n, d, fpc, n=1000)
         leaf = x_n.detach().requires_grad_()
         h_f = feats(nets, add_noise(leaf, eps, sigma), t, _clean(leaf, d))
         with torch.no_grad():
@@ -271,7 +271,7 @@ def test_critic_flow_loss_decreases_on_fixed_data(cfg, mcfg):
     with torch.no_grad():
         x = rollout(nets.generator, _ctx(mcfg, 2), 3, 2, BatchNoise(0))
     noise = BatchNoise(1)
-    sigma, eps, t = L._score_timesteps(noise, x, cfg.distill, mcfg.frames_per_chunk)
+    sigma, eps, t = L._score_timesteps(noise, x, cfg.distill, mcfg.frames_per_chunk, n=mcfg.num_train_timesteps)
     x_t, ctx = L.add_noise(x, eps, sigma), _ctx(mcfg, 2)
     opt = torch.optim.Adam(nets.critic.parameters(), lr=1e-3)
     losses = []
@@ -322,11 +322,11 @@ def _log(path):
 def test_resume_continues_identically(tmp_path, stage):
     """4 steps straight vs 2 steps, then `--resume` to 4: same parameters, optimizer effects, EMA,
     discriminator and losses (the generator trains at steps 0 and 2: critic_ratio 2)."""
-    args = ["--config", "micro", "--stage", stage, "--no-progress", "--set", 'distill.teacher="random"',
+    args = ["--recipe", "micro", "--stage", stage, "--quiet", "--set", 'distill.teacher="random"',
             "--set", "teacher.ema_decay=0.9"]
-    main(args + ["--out", str(tmp_path / "a"), "--steps", "4"])
-    main(args + ["--out", str(tmp_path / "b"), "--steps", "2"])
-    main(args + ["--out", str(tmp_path / "b"), "--steps", "4", "--resume"])
+    main(args + ["--out", str(tmp_path / "a"), "--max-steps", "4"])
+    main(args + ["--out", str(tmp_path / "b"), "--max-steps", "2"])
+    main(args + ["--out", str(tmp_path / "b"), "--max-steps", "4", "--resume"])
     a, b = tmp_path / "a" / stage, tmp_path / "b" / stage
     _assert_same_checkpoint(_ckpt(a / "checkpoint.pt"), _ckpt(b / "checkpoint.pt"))
     la, lb = _log(a / "log.jsonl"), _log(b / "log.jsonl")
@@ -340,14 +340,14 @@ def test_distill_options_resume_identically_and_delay_the_ema(tmp_path):
     """The teacher-forcing score layout, a per-token D on two blocks, one exit per video and an
     EMA that starts at the 2nd generator update: resumable exactly; the EMA is absent before it
     starts (the checkpoint then serves the generator) and present after."""
-    args = ["--config", "micro", "--stage", "distill", "--no-progress", "--set", 'distill.teacher="random"',
+    args = ["--recipe", "micro", "--stage", "distill", "--quiet", "--set", 'distill.teacher="random"',
             "--set", "distill.ema_start=2", "--set", 'distill.score_layout="teacher_forcing"',
             "--set", 'distill.disc_features="tokens"', "--set", "distill.disc_layers=[0, 1]",
             "--set", "distill.same_exit=true"]
-    main(args + ["--out", str(tmp_path / "a"), "--steps", "4"])
-    main(args + ["--out", str(tmp_path / "b"), "--steps", "2"])
+    main(args + ["--out", str(tmp_path / "a"), "--max-steps", "4"])
+    main(args + ["--out", str(tmp_path / "b"), "--max-steps", "2"])
     assert "generator_ema" not in _ckpt(tmp_path / "b" / "distill" / "checkpoint.pt")  # 1 update so far
-    main(args + ["--out", str(tmp_path / "b"), "--steps", "4", "--resume"])
+    main(args + ["--out", str(tmp_path / "b"), "--max-steps", "4", "--resume"])
     a, b = _ckpt(tmp_path / "a" / "distill" / "checkpoint.pt"), _ckpt(tmp_path / "b" / "distill" / "checkpoint.pt")
     _assert_same_checkpoint(a, b)
     # started at the 2nd update (step 2) as a copy, never updated since: equal to the generator then
@@ -365,13 +365,61 @@ def test_exit_steps_per_chunk_or_per_video(monkeypatch, same):
     assert all(uniform) if same else not all(uniform), seen
 
 
-def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_to_overwrite(tmp_path):
-    args = ["--config", "micro", "--stage", "teacher", "--no-progress", "--out", str(tmp_path), "--steps", "1"]
-    main(args)
-    with pytest.raises(FileExistsError, match="--resume"):
-        main(args)
-    with pytest.raises(ValueError, match="teacher.optim.lr"):
-        main(args + ["--resume", "--set", "teacher.optim.lr=0.5"])
+def _cli(capsys, *args):
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_to_overwrite(tmp_path, capsys):
+    args = ["--recipe", "micro", "--stage", "teacher", "--quiet", "--out", str(tmp_path), "--max-steps", "1"]
+    assert _cli(capsys, *args)[0] == 0
+    code, err = _cli(capsys, *args)
+    assert code == 2 and "exists; pass --resume" in err
+    code, err = _cli(capsys, *args, "--resume", "--set", "teacher.optim.lr=0.5")
+    assert code == 2 and "teacher.optim.lr" in err
+
+
+def test_resume_survives_a_half_written_log_line(tmp_path, capsys):
+    """A run killed while appending to log.jsonl leaves a partial last line; --resume drops it."""
+    args = ["--recipe", "micro", "--stage", "teacher", "--quiet", "--out", str(tmp_path)]
+    assert _cli(capsys, *args, "--max-steps", "2")[0] == 0
+    log = tmp_path / "teacher" / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 2, "stage": "teach')
+    code, err = _cli(capsys, *args, "--max-steps", "3", "--resume")
+    assert code == 0, err
+    assert [e["step"] for e in _log(log)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--max-steps", "-5"], "argument --max-steps: expected a positive integer; got -5"),
+    (["--max-steps", "0"], "expected a positive integer; got 0"),
+])
+def test_cli_usage_errors(tmp_path, capsys, extra, needle):
+    with pytest.raises(SystemExit) as e:
+        main(["--recipe", "micro", "--out", str(tmp_path), *extra])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "teacher").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--recipe", "nope"], "no training config 'nope'"),
+    (["--recipe", "micro", "--steps", "5"], "length is --max-steps (e.g. --max-steps 5)"),
+    (["--recipe", "micro", "--config", "micro"], "A training recipe is --recipe micro"),
+    (["--recipe", "micro", "--set", "batch_size=many"], "batch_size"),
+    (["--recipe", "micro", "--set", "distill.max_timestep=5000"], "<= 1000 (the model's num_train_timesteps)"),
+    (["--recipe", "micro", "--stage", "distill", "--set", "distill.teacher=/nonexistent.pt"], "/nonexistent.pt"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, extra, needle):
+    code, err = _cli(capsys, *extra, "--out", str(tmp_path), "--quiet")
+    assert code == 2 and err.startswith("error: ") and needle in err, err
+
+
+def test_cli_old_spelling_of_quiet_still_works(tmp_path, capsys):
+    code, err = _cli(capsys, "--recipe", "micro", "--stage", "teacher", "--no-progress", "--max-steps", "1",
+                     "--out", str(tmp_path))
+    assert code == 0 and "note: --no-progress is deprecated; use --quiet" in err
 
 
 def test_checkpoints_load_as_self_forcing_files(tmp_path, cfg):
@@ -410,11 +458,11 @@ def test_asd_pair_renoising_has_its_own_shift():
     sigmas keep `timestep_shift`; None falls back to it."""
     d = TrainConfig.load("micro", ["distill.timestep_shift=5", "distill.asd_timestep_shift=1"]).distill
     x = torch.zeros(4000, 1, 1, 1, 1)
-    dmd, _, _ = L._score_timesteps(BatchNoise(3), x, d, 1)
-    asd, _, _ = L._score_timesteps(BatchNoise(3), x, d, 1, asd=True)
+    dmd, _, _ = L._score_timesteps(BatchNoise(3), x, d, 1, n=1000)
+    asd, _, _ = L._score_timesteps(BatchNoise(3), x, d, 1, asd=True, n=1000)
     assert dmd.median() > 0.75 and 0.4 < asd.median() < 0.6  # shift 5 vs shift 1 (uniform) medians
     fallback = TrainConfig.load("micro", ["distill.timestep_shift=5"]).distill
-    assert torch.equal(L._score_timesteps(BatchNoise(3), x, fallback, 1, asd=True)[0], dmd)
+    assert torch.equal(L._score_timesteps(BatchNoise(3), x, fallback, 1, asd=True, n=1000)[0], dmd)
 
 
 def test_random_latent_cache_batches(cfg):
@@ -429,8 +477,7 @@ def test_random_latent_cache_batches(cfg):
 
 
 def test_procedural_latent_cache(tmp_path):
-    """Procedural videos -> VAE latents + prompt embeddings on disk, built once (needs training.data)."""
-    pytest.importorskip("training.data", reason="training/data.py (procedural videos) is not in this tree yet")
+    """Procedural videos -> VAE latents + prompt embeddings on disk, built once ."""
     from training.distributed import DistInfo
     cfg = micro(data={"source": "procedural", "num_samples": 3, "num_chunks": 1, "cache_dir": str(tmp_path / "c")})
     data = LatentCache.for_config(cfg, tmp_path, DistInfo(), progress=False)
@@ -450,3 +497,60 @@ def test_disc_ratio_trains_the_discriminator_every_nth_step(cfg):
     nets, ctx = _nets(cfg), _ctx(cfg.model_config(), 2)
     got = [L.critic_losses(nets, ctx, cfg.distill, 3, StepRandom(0, s))[1] is not None for s in range(4)]
     assert got == [True, False, True, False]
+
+
+def test_network_timesteps_follow_the_model_config():
+    """`num_train_timesteps` sets the timestep scale everywhere a network is called: the score
+    timesteps, the teacher's inputs and the rollout (t = n * sigma, clamped in timestep units)."""
+    from training.rollout import rollout
+
+    d = TrainConfig.load("micro", ["distill.min_timestep=20", "distill.max_timestep=480"]).distill
+    x = torch.zeros(256, 1, 2, 1, 1)
+    sigma, _, t = L._score_timesteps(BatchNoise(3), x, d, 1, n=500)
+    assert torch.equal(t, (500 * sigma)[:, None].expand(256, 2)) and t.max() <= 480 and t.min() >= 20
+    cfg = TrainConfig.load("micro", ["model_overrides={\"num_train_timesteps\": 500}", "distill.max_timestep=480"])
+    mcfg = cfg.model_config()
+    seen = []
+
+    class Spy(torch.nn.Module):
+        config = mcfg
+
+        def cross_kv(self, ctx):
+            return torch.zeros(mcfg.cross_shape(ctx.shape[0])), torch.zeros(mcfg.cross_shape(ctx.shape[0]))
+
+        def step(self, x, t, *rest):
+            seen.append(t[0, 0].item())
+            k = torch.zeros(mcfg.num_layers, x.shape[0], mcfg.tokens_per_chunk, mcfg.num_heads, mcfg.head_dim)
+            return torch.zeros_like(x), k, k
+    rollout(Spy(), torch.zeros(1, mcfg.text_len, mcfg.text_dim), 1, 2, BatchNoise(0))
+    from asd_deploy.schedule import denoising_sigmas
+    assert seen[:2] == pytest.approx([500 * s for s in denoising_sigmas(2)])
+
+
+def test_every_training_cli_answers_bad_input_in_one_line(tmp_path, capsys):
+    """No training tool prints a traceback for a bad argument, file or folder."""
+    import training.ablation
+    import training.package
+    import training.toybench
+    import training.vae
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    cases = [
+        (training.vae.main, ["--out", str(tmp_path / "v"), "--clip-frames", "2"], "clip_frames=2"),
+        (training.vae.main, ["--out", str(tmp_path / "v"), "--arch", "huge"], "arch='huge'"),
+        (training.ablation.main, ["--teacher", str(tmp_path / "junk.pt"), "--vae", str(tmp_path)], "has no config.json"),
+        (training.package.main, ["--checkpoint", str(tmp_path / "none.pt"), "--vae", str(tmp_path), "--out",
+                                 str(tmp_path / "m")], "config.json not found"),
+        (training.toybench.main, ["--checkpoint", str(tmp_path / "junk.pt"), "--config", "tiny"], "cannot read"),
+    ]
+    for fn, args, needle in cases:
+        assert fn(args) == 2, (fn.__module__, args)
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and "Traceback" not in err, (fn.__module__, err)
+    for args, needle in [(["--steps", "100"], "length is --max-steps (e.g. --max-steps 100)"),
+                         (["--max-steps", "-5"], "expected a positive integer"),
+                         (["--seed", "-1"], "expected an integer in [0, 2**63)")]:
+        with pytest.raises(SystemExit) as e:
+            training.vae.main(args)
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "m").exists()

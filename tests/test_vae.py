@@ -175,3 +175,41 @@ def test_missing_path_errors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no weights file"):
         VideoVAE.from_pretrained(tmp_path)
+
+
+def test_damaged_nan_and_malicious_vae_folders_are_refused(vae, tmp_path):
+    """A VAE folder loads only if its weights are whole, finite and plain tensors; each refusal is
+    a CheckpointError naming the folder (the CLI turns it into one line), never a traceback."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from asd_deploy.checkpoint import CheckpointError
+
+    good = tmp_path / "good"
+    vae.save(good)
+    weights = good / "diffusion_pytorch_model.safetensors"
+
+    nan = shutil.copytree(good, tmp_path / "nan")
+    sd = load_file(str(weights))
+    name = sorted(k for k in sd if k.startswith("decoder."))[0]
+    sd[name] = torch.full_like(sd[name], float("nan"))
+    save_file(sd, str(nan / weights.name))
+    with pytest.raises(CheckpointError, match=f"VAE {nan}: 1 tensors hold NaN or Inf: \\['{name}'\\]"):
+        VideoVAE.from_pretrained(nan)
+
+    trunc = shutil.copytree(good, tmp_path / "trunc")
+    (trunc / weights.name).write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"VAE folder {trunc} does not load"):
+        VideoVAE.from_pretrained(trunc)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/asd_deploy_pwned_vae",))
+    evil = shutil.copytree(good, tmp_path / "evil")
+    (evil / weights.name).unlink()
+    torch.save({"x": Evil()}, evil / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=f"VAE folder {evil} does not load"):
+        VideoVAE.from_pretrained(evil)
+    assert not os.path.exists("/tmp/asd_deploy_pwned_vae")

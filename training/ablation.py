@@ -215,6 +215,8 @@ def model_config(checkpoints: list, preset: str) -> ModelConfig:
 
 
 def main(argv=None) -> int:
+    from asd_deploy.cli import positive_int, run_command, seed_arg
+
     p = argparse.ArgumentParser(prog="python -m training.ablation", description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default=None, help="teacher checkpoint.pt (its row is left out without it)")
     p.add_argument("--dmd", nargs="*", default=[], help="DMD-only student checkpoint.pt, one per training seed")
@@ -222,16 +224,20 @@ def main(argv=None) -> int:
     p.add_argument("--vae", required=True, help="VAE folder")
     p.add_argument("--config", default="demo",
                    help="model config preset, for checkpoints without the run's config.json beside them")
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--chunks", type=int, default=3)
-    p.add_argument("--teacher-steps", type=int, default=20)
+    p.add_argument("--prompts", type=positive_int, default=32)
+    p.add_argument("--seeds", type=seed_arg, nargs="+", default=[0, 1])
+    p.add_argument("--chunks", type=positive_int, default=3)
+    p.add_argument("--teacher-steps", type=positive_int, default=20, help="Euler steps of the teacher's sampler")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--out", default="training/reports/ablation", help="writes OUT.md and OUT.json")
     a = p.parse_args(argv)
     for path in [a.teacher, *a.dmd, *a.asd]:
         if path is not None and not Path(path).is_file():
             p.error(f"checkpoint {path} does not exist")
+    return run_command(_main, a)
+
+
+def _main(a) -> int:
     students = {k: [Path(v) for v in vs] for k, vs in (("DMD only", a.dmd), ("ASD", a.asd)) if vs}
     result = run(Path(a.teacher) if a.teacher else None, students, Path(a.vae),
                  model_config([a.teacher, *a.dmd, *a.asd], a.config),

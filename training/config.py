@@ -1,7 +1,7 @@
 """Training configuration: one `TrainConfig` (data, teacher stage, distillation stage) and its presets.
 
 Owns: the dataclasses, their JSON form, the named presets (the files in `training/configs/`,
-named by stem: `--config tiny` reads `training/configs/tiny.json`) and `--set key=value`
+named by stem: `--recipe tiny` reads `training/configs/tiny.json`) and `--set key=value`
 overrides. A config file lists only what differs from the defaults here. Does not own the model
 architecture: `model` names an `asd_deploy.config.ModelConfig` preset and `model_overrides`
 changes its fields (e.g. a smaller geometry for CI).
@@ -136,12 +136,14 @@ class TrainConfig:
             bad(f"distill.asd_timestep_shift={d.asd_timestep_shift} must be > 0 (or null: timestep_shift)")
         if d.critic_ratio < 1 or d.disc_ratio < 1:
             bad(f"distill.critic_ratio={d.critic_ratio} and disc_ratio={d.disc_ratio} must be >= 1")
-        if not 0 <= d.min_timestep < d.max_timestep <= 1000:
-            bad(f"distill timesteps [{d.min_timestep}, {d.max_timestep}] must satisfy 0 <= min < max <= 1000")
+        mcfg = self.model_config()
+        n = mcfg.num_train_timesteps
+        if not 0 <= d.min_timestep < d.max_timestep <= n:
+            bad(f"distill timesteps [{d.min_timestep}, {d.max_timestep}] must satisfy 0 <= min < max <= {n} "
+                f"(the model's num_train_timesteps)")
         for what, decay in (("teacher", self.teacher.ema_decay), ("distill", d.ema_decay)):
             if not 0 <= decay < 1:
                 bad(f"{what}.ema_decay={decay} must be in [0, 1)")
-        mcfg = self.model_config()
         for layer in ((d.disc_layer,) if d.disc_layer is not None else ()) + tuple(d.disc_layers):
             if not 0 <= layer < mcfg.num_layers:
                 bad(f"distill disc layer {layer}; the model has {mcfg.num_layers} blocks (0..{mcfg.num_layers - 1})")
@@ -216,8 +218,22 @@ def _build(cls, d: dict, where: str):
         elif isinstance(v, list) and k not in ("model_overrides",):
             kw[k] = tuple(v)
         else:
+            _check_type(fields[k], v, where + k)
             kw[k] = v
     return cls(**kw)
+
+
+def _check_type(f: dataclasses.Field, v, key: str) -> None:
+    """A scalar field takes a value of its default's type (an int where a float is expected is fine)."""
+    want = type(f.default) if isinstance(f.default, (bool, int, float, str)) else None
+    if want is None:
+        return
+    ok = (isinstance(v, bool) if want is bool else
+          isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
+          isinstance(v, int) and not isinstance(v, bool) if want is int else isinstance(v, want))
+    if not ok:
+        raise ConfigError(f"{key} = {v!r} is a {type(v).__name__}; expected a {want.__name__} "
+                          f"(e.g. {f.default!r})")
 
 
 _NESTED = {(TrainConfig, "data"): DataConfig, (TrainConfig, "teacher"): TeacherConfig,

@@ -8,7 +8,8 @@ features, one logit per step count n) and the three objectives a training step a
 Each returns loss tensors without calling backward; `train.py` steps the optimizers.
 Does not own: rollouts and the network wrapper (`rollout.py`), optimizers (`train.py`).
 
-Conventions (asd_deploy.schedule): x_t = (1 - s) x0 + s eps, flow v = eps - x0, t = 1000 s.
+Conventions (asd_deploy.schedule): x_t = (1 - s) x0 + s eps, flow v = eps - x0, t = n s with n the model
+config's `num_train_timesteps` (1000 for Wan).
 
 ASD signs. RpGAN: D maximises f(D(real) - D(fake)), G maximises f(D(fake) - D(real)), with
 f(u) = -log(1 + exp(-u)) = -softplus(-u). Here "real" is the student's (n+1)-step output and
@@ -41,10 +42,11 @@ from .rollout import BatchNoise, StepRandom, TrainNet, rollout, teacher_forcing_
 
 
 def sample_sigmas(noise: BatchNoise, batch: int, *shape, shift: float, min_t: float = 0.0,
-                  max_t: float = 1000.0) -> torch.Tensor:
+                  max_t: float | None = None, num_train_timesteps: int = 1000) -> torch.Tensor:
     """[batch, *shape] sigmas: u ~ U(0, 1), shifted (shift_sigma), timestep clamped to [min_t, max_t]."""
     u = noise.rand(batch, *shape)
-    return (1000.0 * shift_sigma(u, shift)).clamp(min_t, max_t) / 1000.0
+    n = float(num_train_timesteps)  # timesteps are n * sigma; max_t defaults to n
+    return (n * shift_sigma(u, shift)).clamp(min_t, n if max_t is None else max_t) / n
 
 
 def _bcast(sigma: torch.Tensor) -> torch.Tensor:
@@ -117,12 +119,13 @@ def teacher_loss(net: TrainNet, latents: torch.Tensor, context: torch.Tensor, cf
     if frames % fpc:
         raise ValueError(f"training latents need whole chunks of {fpc} frames; got F={frames}")
     noise = rnd.stream("teacher")
-    sigma = sample_sigmas(noise, b, frames // fpc, shift=cfg.timestep_shift).repeat_interleave(fpc, 1)
+    sigma = sample_sigmas(noise, b, frames // fpc, shift=cfg.timestep_shift,
+                          num_train_timesteps=mcfg.num_train_timesteps).repeat_interleave(fpc, 1)
     eps = noise.randn(b, *latents.shape[1:])
     x_t = add_noise(latents, eps, sigma)
     drop = noise.rand(b) < cfg.prompt_dropout  # [B] -> the null context (CFG)
     ctx = torch.where(drop[:, None, None], torch.zeros_like(context), context)
-    seq, t, positions = teacher_forcing_inputs(latents, x_t, 1000.0 * sigma)
+    seq, t, positions = teacher_forcing_inputs(latents, x_t, mcfg.num_train_timesteps * sigma)
     mask = teacher_forcing_mask(mcfg, frames // fpc, latents.device)
     pred = net(seq, t, ctx, mask, positions)[:, :, frames:]
     loss = flow_matching_loss(pred, latents, eps)
@@ -167,19 +170,22 @@ def asd_pair(gen: TrainNet, context, num_chunks: int, cfg: DistillConfig, noise:
     return n, x_n, x_n1
 
 
-def _score_timesteps(noise: BatchNoise, x: torch.Tensor, cfg: DistillConfig, fpc: int, asd: bool = False):
+def _score_timesteps(noise: BatchNoise, x: torch.Tensor, cfg: DistillConfig, fpc: int, asd: bool = False, *,
+                     n: int):
     """sigma (uniform, shifted, clamped), eps like x, and t [B, F] for the network. sigma is per
     sample [B] in the causal layout, per chunk [B, F] (repeated over a chunk's frames) in the
     teacher-forcing layout, where chunks are scored independently. `asd`: the re-noising of the
-    n / n+1 pair, with its own shift (`cfg.asd_timestep_shift`)."""
+    n / n+1 pair, with its own shift (`cfg.asd_timestep_shift`). `n`: the model's num_train_timesteps
+    (t = n * sigma)."""
     b, frames = x.shape[0], x.shape[2]
     shift = cfg.asd_timestep_shift if asd and cfg.asd_timestep_shift is not None else cfg.timestep_shift
     per_chunk = (frames // fpc,) if cfg.score_layout == "teacher_forcing" else ()
-    sigma = sample_sigmas(noise, b, *per_chunk, shift=shift, min_t=cfg.min_timestep, max_t=cfg.max_timestep)
+    sigma = sample_sigmas(noise, b, *per_chunk, shift=shift, min_t=cfg.min_timestep, max_t=cfg.max_timestep,
+                          num_train_timesteps=n)
     if per_chunk:
         sigma = sigma.repeat_interleave(fpc, 1)
     eps = noise.randn(b, *x.shape[1:])
-    t = (1000.0 * sigma)[:, None].expand(b, frames) if sigma.ndim == 1 else 1000.0 * sigma
+    t = (n * sigma)[:, None].expand(b, frames) if sigma.ndim == 1 else n * sigma
     return sigma, eps, t.contiguous()
 
 
@@ -197,17 +203,17 @@ def critic_losses(nets: DistillNets, context, cfg: DistillConfig, num_chunks: in
     """(critic flow loss, discriminator loss or None, logs). Generator samples are drawn without
     grad; D reads critic features computed without grad, so each loss reaches one module."""
     noise = rnd.stream("critic")
-    fpc = nets.generator.config.frames_per_chunk
+    fpc, n_train = nets.generator.config.frames_per_chunk, nets.generator.config.num_train_timesteps
     with torch.no_grad():
         x, _ = dmd_rollout(nets.generator, context, num_chunks, cfg, noise, grad=False)
-    sigma, eps, t = _score_timesteps(noise, x, cfg, fpc)
+    sigma, eps, t = _score_timesteps(noise, x, cfg, fpc, n=n_train)
     pred = nets.critic.score(add_noise(x, eps, sigma), t, context, _clean(x, cfg))
     flow_loss = flow_matching_loss(pred, x, eps)
     logs = {"loss_critic": flow_loss.detach()}
     if cfg.alpha <= 0 or rnd.step % cfg.disc_ratio:
         return flow_loss, None, logs
     n, x_n, x_n1 = asd_pair(nets.generator, context, num_chunks, cfg, noise, grad=False)
-    sigma, eps, t = _score_timesteps(noise, x_n, cfg, fpc, asd=True)
+    sigma, eps, t = _score_timesteps(noise, x_n, cfg, fpc, asd=True, n=n_train)
     with torch.no_grad():
         h_fake = _features(nets, add_noise(x_n, eps, sigma), t, context, cfg, _clean(x_n, cfg))
         h_real = _features(nets, add_noise(x_n1, eps, sigma), t, context, cfg, _clean(x_n1, cfg))
@@ -225,9 +231,9 @@ def critic_losses(nets: DistillNets, context, cfg: DistillConfig, num_chunks: in
 def generator_loss(nets: DistillNets, context, cfg: DistillConfig, num_chunks: int, rnd: StepRandom):
     """L_DMD + alpha * L_ASD for the generator; (loss, logs)."""
     noise = rnd.stream("generator")
-    fpc = nets.generator.config.frames_per_chunk
+    fpc, n_train = nets.generator.config.frames_per_chunk, nets.generator.config.num_train_timesteps
     x, logs = dmd_rollout(nets.generator, context, num_chunks, cfg, noise, grad=True)
-    sigma, eps, t = _score_timesteps(noise, x, cfg, fpc)
+    sigma, eps, t = _score_timesteps(noise, x, cfg, fpc, n=n_train)
     s = _bcast(sigma)
     with torch.no_grad():
         xd = x.detach()
@@ -244,7 +250,7 @@ def generator_loss(nets: DistillNets, context, cfg: DistillConfig, num_chunks: i
     logs = {**logs, "loss_dmd": l_dmd.detach(), "dmd_grad": grad_mag}
     if cfg.alpha > 0:
         n, x_n, x_n1 = asd_pair(nets.generator, context, num_chunks, cfg, noise, grad=True)
-        sigma, eps, t = _score_timesteps(noise, x_n, cfg, fpc, asd=True)
+        sigma, eps, t = _score_timesteps(noise, x_n, cfg, fpc, asd=True, n=n_train)
         leaf = x_n.detach().requires_grad_(True)
         h_fake = _features(nets, add_noise(leaf, eps, sigma), t, context, cfg, _clean(leaf, cfg))
         with torch.no_grad():

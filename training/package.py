@@ -63,6 +63,8 @@ def package_model(checkpoint: Path, vae: Path, out: Path, prefer: str = "generat
 
 
 def main(argv=None) -> int:
+    from asd_deploy.cli import run_command
+
     p = argparse.ArgumentParser(prog="python -m training.package", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a training checkpoint.pt (Self-Forcing format)")
     p.add_argument("--vae", required=True, help="the VAE folder (python -m training.vae --out ...)")
@@ -70,9 +72,12 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="generator_ema", choices=("generator_ema", "generator"))
     p.add_argument("--budget-mb", type=float, default=DEFAULT_BUDGET_MB)
     a = p.parse_args(argv)
-    out = package_model(a.checkpoint, a.vae, a.out, a.weights, budget_mb=a.budget_mb)
-    print(f"wrote {out} ({folder_mb(out):.2f} MB)")
-    return 0
+
+    def run():
+        out = package_model(a.checkpoint, a.vae, a.out, a.weights, budget_mb=a.budget_mb)
+        print(f"wrote {out} ({folder_mb(out):.2f} MB)")
+        return 0
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """ToyBench: a deterministic scorer for videos of the procedural grammar (`training/data.py`).
 It learns nothing: every number comes from colour segmentation against the fixed palette.
 
-    python -m training.toybench --checkpoint default --steps 1 [--ffe] [--seeds 0 1] [--prompts 8]
+    python -m training.toybench --checkpoint default --steps 1 [--no-ffe] [--ffe-steps 4] [--seeds 0 1] [--prompts 8]
                                 [--config tiny] [--frames N] [--json OUT]
 
 Owns: `score_video`, `score_many`, `format_table` and the CLI that generates `eval_prompts` with
@@ -334,18 +334,22 @@ def _pipeline(args):
 
 
 def main(argv=None) -> int:
+    from asd_deploy.cli import add_schedule_args, positive_int, run_command, seed_arg
+
     p = argparse.ArgumentParser(prog="python -m training.toybench", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="default",
                    help="'default', a model folder (config.json ...), a DiT checkpoint file or 'random'")
-    p.add_argument("--config", default=None, help="config preset for a checkpoint file (tiny, small, ...)")
-    p.add_argument("--steps", type=int, default=1, help="denoising steps per chunk")
-    p.add_argument("--ffe", action="store_true", help="first-frame enhancement (4 steps on chunk 0)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds per prompt")
-    p.add_argument("--prompts", type=int, default=8, help="how many of eval_prompts()")
-    p.add_argument("--frames", type=int, default=None, help="pixel frames per video (default: the model's)")
+    p.add_argument("--config", default=None, help="model config preset for a checkpoint file (tiny, small, ...)")
+    add_schedule_args(p)
+    p.add_argument("--seeds", type=seed_arg, nargs="+", default=[0], help="noise seeds per prompt")
+    p.add_argument("--prompts", type=positive_int, default=8, help="how many of eval_prompts()")
+    p.add_argument("--frames", type=positive_int, default=None, help="pixel frames per video (default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the scores here")
-    args = p.parse_args(argv)
+    return run_command(_main, p.parse_args(argv))
+
+
+def _main(args) -> int:
     if args.json:
         from asd_deploy.video import check_writable
         check_writable(args.json)
@@ -353,15 +357,18 @@ def main(argv=None) -> int:
     rows = []
     for prompt in eval_prompts(args.prompts):
         for seed in args.seeds:
-            video, _ = pipe(prompt, steps=args.steps, ffe=args.ffe, seed=seed, frames=args.frames)
+            video, _ = pipe(prompt, steps=args.steps, ffe=args.ffe, ffe_steps=args.ffe_steps, seed=seed,
+                            frames=args.frames)
             rows.append({"prompt": prompt, "seed": seed, **score_video(video, prompt)})
     mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS + EXTRA + DETAILS}
-    print(f"ToyBench: {args.checkpoint}, {args.steps} step(s){' + FFE' if args.ffe else ''}, "
+    from asd_deploy.schedule import Schedule
+    print(f"ToyBench: {args.checkpoint}, {Schedule(args.steps, args.ffe, args.ffe_steps).describe()}, "
           f"{len(rows)} videos")
     print(format_table(rows + [{"prompt": "**mean**", "seed": "", **mean}], ["prompt", "seed", *METRICS]))
     if args.json:
         from asd_deploy.checkpoint import atomic_write
-        result = {"checkpoint": args.checkpoint, "steps": args.steps, "ffe": args.ffe, "seeds": args.seeds,
+        result = {"checkpoint": args.checkpoint, "steps": args.steps, "ffe": args.ffe, "ffe_steps": args.ffe_steps,
+                  "seeds": args.seeds,
                   "mean": mean, "videos": rows, "model": pipe.info}
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     return 0

@@ -1,7 +1,8 @@
 """Training entry point: teacher (flow matching) and distillation (DMD + alpha * ASD) stages.
 
-    python -m training.train --config FILE_OR_PRESET [--stage teacher|distill|all] [--out DIR]
-                             [--steps N] [--resume] [--set KEY=VALUE ...] [--device auto|cpu|cuda]
+    python -m training.train --recipe FILE_OR_NAME [--stage teacher|distill|all] [--out DIR]
+                             [--max-steps N] [--config MODEL_PRESET] [--resume] [--set KEY=VALUE ...]
+                             [--device auto|cpu|cuda] [--quiet]
     torchrun --nproc_per_node N -m training.train ...          # FSDP2: gloo on CPU, nccl on GPU
 
 Owns: `LatentCache` (procedural videos encoded once by the VAE and the text encoder, stored on
@@ -209,6 +210,15 @@ class Ema:
 # ---------------------------------------------------------------------------------------------
 
 
+def _log_step(line: str) -> int | None:
+    """The step of one log.jsonl line, or None for a line a killed run left half-written."""
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def _strip(sd: dict | None) -> dict | None:
     return None if sd is None else {k.removeprefix("model."): v for k, v in sd.items()}
 
@@ -401,7 +411,8 @@ class Trainer:
         if self.info.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             lines = log.read_text().splitlines() if log.exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] < self.step]
+            kept = [ln for ln in lines if (_log_step(ln) if ln.strip() else None) is not None
+                    and _log_step(ln) < self.step]  # a line half-written when a run was killed is dropped
             log.write_text("".join(ln + "\n" for ln in kept))
             cfg_json = {"model": self.mcfg.to_dict(), "train": self.cfg.to_dict(), "stage": self.stage}
             atomic_write(self.dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg_json, indent=2)))
@@ -439,46 +450,76 @@ class Trainer:
 
 
 def parse_args(argv=None):
+    from asd_deploy.cli import add_quiet, positive_int
+
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="preset name (training/configs/NAME.json) or JSON file")
-    p.add_argument("--stage", choices=("teacher", "distill", "all"), help="default: the config's `stage`")
-    p.add_argument("--out", help="output folder (default: out/train/<config name>)")
-    p.add_argument("--steps", type=int, help="total steps of each stage run (default: the config's)")
+    p.add_argument("--recipe", required=True, help="training recipe: a name (training/configs/NAME.json) or a "
+                                                    "JSON file")
+    p.add_argument("--config", default=None, help="model config preset overriding the recipe's (tiny, demo, small, "
+                                                  "...); same as --set model=NAME")
+    p.add_argument("--stage", choices=("teacher", "distill", "all"), help="default: the recipe's `stage`")
+    p.add_argument("--out", help="output folder (default: out/train/<recipe name>)")
+    p.add_argument("--max-steps", type=positive_int, help="total training steps of each stage run (default: the "
+                                                          "recipe's)")
+    p.add_argument("--steps", type=str, help=argparse.SUPPRESS)  # denoising steps elsewhere: refused here
     p.add_argument("--resume", action="store_true", help="continue from OUT/<stage>/checkpoint.pt")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set distill.alpha=0 (repeatable)")
+                   help="override a recipe field, e.g. --set distill.alpha=0 (repeatable)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--prepare-data", action="store_true", help="only build the latent cache, then exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quiet(p, old="--no-progress")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.set) + ([f"stage={args.stage}"] if args.stage else [])
-    cfg = TrainConfig.load(args.config, overrides)
+def _check_vocabulary(args):
+    """The words of the old CLI that now mean something else say what replaced them."""
+    from asd_deploy.config import PRESETS
+
+    if args.steps is not None:
+        raise ValueError(f"--steps is the number of denoising steps in every asd-deploy tool; a training run's "
+                         f"length is --max-steps (e.g. --max-steps {args.steps})")
+    if args.config is not None and args.config not in PRESETS:
+        raise ValueError(f"--config is a model config preset ({', '.join(sorted(PRESETS))}); "
+                         f"{args.config!r} is not one. A training recipe is --recipe {args.config}")
+
+
+def _main(args) -> int:
+    _check_vocabulary(args)
+    overrides = list(args.set) + ([f"stage={args.stage}"] if args.stage else []) + \
+        ([f"model={args.config}"] if args.config else [])
+    cfg = TrainConfig.load(args.recipe, overrides)
     out = Path(args.out or Path("out") / "train" / cfg.name)
     info = D.init(args.device)
     try:
         if args.prepare_data:
-            data = LatentCache.for_config(cfg, out, info, progress=not args.no_progress)
+            data = LatentCache.for_config(cfg, out, info, progress=not args.quiet)
             if info.is_main:
                 print(f"latent cache: {len(data)} samples, latents {list(data.latents.shape)}, "
                       f"context {list(data.context.shape)}")
             return 0
         for i, stage in enumerate(cfg.stages()):
-            total = args.steps if args.steps is not None else getattr(cfg, stage).steps
+            total = args.max_steps if args.max_steps is not None else getattr(cfg, stage).steps
             # `--stage all --resume`: a finished earlier stage is resumed as a no-op
             resume = args.resume or (i > 0 and (out / stage / "checkpoint.pt").exists())
-            trainer = Trainer(cfg, stage, out, info, progress=not args.no_progress).setup(resume=resume)
+            trainer = Trainer(cfg, stage, out, info, progress=not args.quiet).setup(resume=resume)
             hist = trainer.train(total)
             if info.is_main and hist:
                 last = {k: round(v, 5) for k, v in hist[-1].items() if isinstance(v, float) and k.startswith("loss")}
                 print(f"{stage}: step {trainer.step}/{total}, {last}; checkpoint {trainer.dir / 'checkpoint.pt'}",
                       file=sys.stderr)
+            elif info.is_main:
+                print(f"{stage}: already at step {trainer.step} >= --max-steps {total}; nothing to do "
+                      f"(checkpoint {trainer.dir / 'checkpoint.pt'})", file=sys.stderr)
     finally:
         D.shutdown()
     return 0
+
+
+def main(argv=None) -> int:
+    from asd_deploy.cli import run_command
+
+    return run_command(_main, parse_args(argv), interrupted="interrupted; the last saved checkpoint resumes with "
+                                                            "--resume")
 
 
 if __name__ == "__main__":

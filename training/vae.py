@@ -240,45 +240,53 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
 
 
 def main(argv=None) -> int:
+    from asd_deploy.cli import add_deprecated, add_quiet, positive_int, run_command, seed_arg
+
     p = argparse.ArgumentParser(prog="python -m training.vae", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="out/vae", help="output diffusers AutoencoderKLWan folder")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-steps", type=positive_int, default=6000, help="training steps")
+    p.add_argument("--steps", type=str, default=None, help=argparse.SUPPRESS)  # denoising steps elsewhere
+    p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--num-videos", type=int, default=2048)
+    p.add_argument("--num-videos", type=positive_int, default=2048)
     p.add_argument("--fg-weight", type=float, default=0.0, help="extra loss weight of object pixels")
     p.add_argument("--clip-frames", type=int, default=1, help="frames per training clip (1 + 4k; 1 = images)")
     p.add_argument("--init", default=None, help="continue from this VAE folder")
     p.add_argument("--inflate", action="store_true",
                    help="start the temporal taps of --init (an image-trained VAE) as per-frame copies")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--max-objects", type=int, default=2, help="objects per scene, as the DiT's data config")
-    p.add_argument("--model", default="tiny", help="model config preset whose resolution the VAE trains at")
+    p.add_argument("--config", default="tiny", help="model config preset whose resolution the VAE trains at")
+    add_deprecated(p, "--model", "--config", dest="config")
     p.add_argument("--arch", default="tiny", help="VAE architecture (asd_deploy.vae.VAE_ARCHS) of a new VAE")
     p.add_argument("--crop", default=None, help="HxW random crops of the frames (multiples of 8), e.g. 32x48")
     p.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast (default fp32)")
     p.add_argument("--save-every", type=int, default=500, help="write a resumable state every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if it exists")
+    add_quiet(p)
     a = p.parse_args(argv)
+    if a.steps is not None:
+        p.error(f"--steps is the number of denoising steps in every asd-deploy tool; the VAE's training length "
+                f"is --max-steps (e.g. --max-steps {a.steps})")
     crop = None
     if a.crop:
         try:
             crop = tuple(int(v) for v in a.crop.lower().split("x"))
-            assert len(crop) == 2
-        except (ValueError, AssertionError):
+        except ValueError:
+            crop = ()
+        if len(crop) != 2:
             p.error(f"--crop {a.crop!r}: expected HxW, e.g. 32x48")
-    try:
-        train_vae(Path(a.out), steps=a.steps, batch=a.batch, lr=a.lr, kl_weight=a.kl_weight,
+
+    def run():
+        train_vae(Path(a.out), steps=a.max_steps, batch=a.batch, lr=a.lr, kl_weight=a.kl_weight,
                   num_videos=a.num_videos, clip_frames=a.clip_frames, fg_weight=a.fg_weight, seed=a.seed,
-                  max_objects=a.max_objects, model=a.model, init=Path(a.init) if a.init else None,
+                  max_objects=a.max_objects, model=a.config, init=Path(a.init) if a.init else None,
                   inflate=a.inflate, arch=a.arch, crop=crop, amp=a.amp, save_every=a.save_every,
-                  resume=a.resume)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+                  resume=a.resume, log=None if a.quiet else print)
+        return 0
+    return run_command(run, interrupted=f"interrupted; rerun with --resume to continue from {a.out}.state.pt")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Owns: `make_backend` (a backend by name, from a loaded DiT or an engine folder), `load_engine`
 (an engine folder, validated against the requested model first) and `find_engine` (an engine
-under `engines/` by its manifest). Backends:
+in the user's engine cache, `manifest.engine_cache_dir()`, by its manifest). Backends:
   eager    `EagerStep` (generator.py)                          from the eager model
   compile  `CompiledStep`: torch.compile(fullgraph) of the step from the eager model
   ort      `OrtStep`: ONNX Runtime, I/O-bound cache buffers   from an engine folder
@@ -23,7 +23,7 @@ import torch
 
 from ..config import ModelConfig
 from ..generator import EagerStep
-from .manifest import (ENGINE_BACKENDS, EngineError, build_command, default_engines_dir, find_engines,
+from .manifest import (ENGINE_BACKENDS, EngineError, build_command, engine_cache_dir, find_engines,
                        read_manifest, validate_manifest)
 from .signature import PRECISIONS, precision_dtype
 
@@ -61,7 +61,7 @@ def load_engine(path, expect_config: ModelConfig | None = None, expect_hash: str
     hint = None
     if expect_backend is not None and expect_config is not None and expect_checkpoint is not None:
         hint = build_command(expect_config.name, expect_checkpoint, expect_backend, expect_precision or "fp32",
-                             batch=expect_batch or 1, out=path.parent)
+                             batch=expect_batch or 1, engine=path)
     manifest = read_manifest(path, hint)
     validate_manifest(path, manifest, expect_config=expect_config, expect_hash=expect_hash,
                       expect_backend=expect_backend, expect_batch=expect_batch, expect_precision=expect_precision,
@@ -72,11 +72,12 @@ def load_engine(path, expect_config: ModelConfig | None = None, expect_hash: str
 def find_engine(backend: str, config: ModelConfig, weights_hash: str, *, precision: str | None = None,
                 batch: int = 1, engines_dir=None, checkpoint: str = "default", opset: int | None = None) -> Path:
     """The newest finished engine folder for this model (fp32 preferred when precision is None;
-    any opset unless `opset` is given)."""
-    root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
-    seen = []
+    any opset unless `opset` is given) under `engines_dir`, by default the user's engine cache.
+    Never the working directory: an engine is code, loaded only from where the user put it."""
+    root = Path(engines_dir) if engines_dir is not None else engine_cache_dir()
+    seen: list[str] = []
     matches = []
-    for d, m in find_engines(root):
+    for d, m in find_engines(root, skipped=seen):
         if m["backend"] != backend:
             continue
         why = ("config differs" if ModelConfig.from_dict(m["model"]["config"]) != config else
@@ -89,13 +90,16 @@ def find_engine(backend: str, config: ModelConfig, weights_hash: str, *, precisi
             matches.append((m["precision"] != "fp32", d))  # fp32 first, then newest (stable sort)
     if matches:
         return sorted(matches, key=lambda pd: pd[0])[0][1]
-    cmd = build_command(config.name, checkpoint, backend, precision or "fp32", batch=batch,
-                        out=None if engines_dir is None else root)
-    raise EngineError(f"no finished {backend!r} engine under {root}/ for config {config.name!r}, weights "
+    cmd = build_command(config.name, checkpoint, backend, precision or "fp32", opset=opset, batch=batch,
+                        out=None if root == engine_cache_dir() else root)
+    local = Path("engines")
+    note = (f" ({local.resolve()} is not searched: an engine runs code when loaded, so only a folder you name "
+            f"with --engine, or your engine cache, is used)" if local.is_dir() and local.resolve() != root.resolve()
+            else "")
+    raise EngineError(f"no finished {backend!r} engine in {root} for config {config.name!r}, weights "
                       f"{weights_hash[:12]}..., batch {batch}" + (f", precision {precision}" if precision else "")
                       + (f", opset {opset}" if opset is not None else "")
-                      + (f" (found: {', '.join(seen)})" if seen else "") + f"; build it: {cmd}"
-                      + (f" --opset {opset}" if opset is not None else ""))
+                      + (f" (found: {', '.join(seen)})" if seen else "") + note + f"; build it: {cmd}")
 
 
 def _model_of(source):
@@ -116,8 +120,8 @@ def make_backend(name: str, source, *, engine=None, precision: str | None = None
     source: a `LoadedDiT` (registry.load_dit), a `CausalWanDiT`, or an engine folder (str/Path,
     for ort/aoti). For ort/aoti with a loaded model, `engine` (a folder) is validated against
     the model's config and weights hash; without it the newest matching engine under
-    `engines_dir` (default `engines/`) is used, or the error names the build command. For
-    eager/compile, `precision`/`device` cast a copy of the model (the caller's is untouched).
+    `engines_dir` (default: the user's engine cache) is used, or the error names the build command.
+    For eager/compile, `precision`/`device` cast a copy of the model (the caller's is untouched).
     `device` defaults to the model's device, for engines too (a model on CUDA gets a CUDA
     engine session), and to the CPU for an engine folder."""
     if name not in BACKENDS:

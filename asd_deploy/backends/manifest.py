@@ -1,8 +1,9 @@
-"""Engine folders and their `manifest.json`: naming, writing, and validation on load.
+"""Engine folders and their `manifest.json`: where they live, naming, the schema, validation on load.
 
-Owns: the engine folder name, the manifest schema, the exact rebuild command, artifact records
-(size + sha256) and `validate_manifest`, which every engine load goes through. Does not own how
-artifacts are made (`export/`) or run (the backend modules).
+Owns: the engine cache location and which folders discovery may load, the engine folder name, the
+manifest schema and its checker, the exact rebuild command, artifact records (size + sha256) and
+`validate_manifest`, which every engine load goes through. Does not own how artifacts are made
+(`export/`) or run (the backend modules).
 
 An engine folder holds the artifacts of one build (e.g. `step.onnx`, `cross_kv.onnx`,
 `step.pt2`, `cross_kv.pt2`) and `manifest.json`, written last. While a build runs, the manifest
@@ -10,12 +11,19 @@ says `"complete": false` (it records finished stages so an interrupted build res
 complete manifest loads. Every artifact is written under a temporary name and renamed, so a file
 under its final name is always whole; its recorded size and sha256 catch later damage.
 
-Manifest keys: format, complete, name, backend, backend_version, precision, dtype, opset, batch,
-device, model {config, config_name, checkpoint, weights_hash, trained}, schedule, shapes {step,
-cross_kv}, artifacts {file: {bytes, sha256, stage, key}}, runtime {step, cross_kv} (files the
-runtime loads on this device type), portable (ort: the plain .onnx files, for GPU providers and
-other runtimes), torch_version, host, build {args, started, finished, seconds, command},
-validation (engine vs eager errors measured at build time), rebuild (the command).
+An engine is code: an AOTInductor package is a shared library that runs when it is loaded, and an
+ONNX graph is a program for its runtime. A manifest cannot vouch for its folder (whoever wrote the
+folder wrote the manifest), so engines load only from a folder the user named (`--engine DIR`) or
+from the user's own engine cache, `engine_cache_dir()`, never from the working directory; and
+discovery skips cache folders that someone else owns or that others can write.
+
+Manifest keys (`MANIFEST_SCHEMA` is the checked subset): format, complete, name, backend,
+backend_version, precision, dtype, opset, batch, device, model {config, config_name, checkpoint,
+weights_hash, trained}, schedule, shapes {step, cross_kv}, artifacts {file: {bytes, sha256, stage,
+key}}, runtime {step, cross_kv} (files the runtime loads on this device type), portable (ort: the
+plain .onnx files, for GPU providers and other runtimes), torch_version, host, build {args,
+started, finished, seconds, command}, validation (engine vs eager errors measured at build
+time), rebuild (the command). Every file a manifest names is a plain name inside its folder.
 """
 from __future__ import annotations
 
@@ -43,27 +51,56 @@ class EngineError(RuntimeError):
     says what was expected, what was found, and the exact command that rebuilds it."""
 
 
-def default_engines_dir() -> Path:
-    """`$ASD_DEPLOY_ENGINES`, else `engines/` under the working directory (the repo root)."""
-    return Path(os.environ.get("ASD_DEPLOY_ENGINES", "engines"))
+def engine_cache_dir() -> Path:
+    """The user's engine cache, where `export.build` writes and discovery looks:
+    `$ASD_DEPLOY_ENGINES` (an absolute path), else `$XDG_CACHE_HOME/asd-deploy/engines`, else
+    `~/.cache/asd-deploy/engines`. Never the working directory."""
+    env = os.environ.get("ASD_DEPLOY_ENGINES")
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_absolute():
+            raise EngineError(f"$ASD_DEPLOY_ENGINES={env!r} is a relative path, which would trust whatever "
+                              f"folder the command runs in; set it to an absolute path you own, or unset it "
+                              f"(engines then live in ~/.cache/asd-deploy/engines)")
+        return p
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"  # XDG: relative is ignored
+    return base / "asd-deploy" / "engines"
+
+
+def untrusted_reason(path: Path) -> str | None:
+    """Why discovery must not load `path` (a folder or file it found, not one the user named):
+    owned by another user, or writable by others. None when it is the user's own."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        return f"cannot stat it ({e.strerror})"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if st.st_mode & 0o002:
+        return "writable by every user"
+    return None
 
 
 def engine_dir_name(config_name: str, steps: int, ffe: bool, ffe_steps: int, backend: str, precision: str,
-                    opset: int | None, batch: int = 1) -> str:
-    """e.g. `tiny-s1-ort-fp32-op18`, `tiny-s2f4-aoti-bf16`, `small-s1-ort-fp32-op23-b2`."""
+                    opset: int | None, batch: int = 1, weights_hash: str = "") -> str:
+    """e.g. `tiny-s1f4-ort-fp32-op18-54826c8a`, `small-s1-aoti-bf16-b2-0f3c9a1e`: the weights hash
+    (8 hex digits) keeps engines of different checkpoints at one config apart."""
     name = f"{config_name}-s{steps}" + (f"f{ffe_steps}" if ffe else "") + f"-{backend}-{precision}"
     if opset is not None:
         name += f"-op{opset}"
-    return name + (f"-b{batch}" if batch != 1 else "")
+    name += f"-b{batch}" if batch != 1 else ""
+    return name + (f"-{weights_hash[:8]}" if weights_hash else "")
 
 
 def build_command(config: str | None, checkpoint: str, backend: str, precision: str = "fp32",
-                  opset: int | None = None, batch: int = 1, steps: int = 1, ffe: bool = False, ffe_steps: int = 4,
-                  out: str | os.PathLike | None = None, force: bool = False) -> str:
-    """The exact `python -m export.build ...` command for these settings."""
+                  opset: int | None = None, batch: int = 1, steps: int = 1, ffe: bool = True, ffe_steps: int = 4,
+                  out: str | os.PathLike | None = None, force: bool = False,
+                  engine: str | os.PathLike | None = None) -> str:
+    """The exact `python -m export.build ...` command for these settings. `engine` builds exactly
+    that folder (what a rebuild hint for a named folder needs); `out` is the parent of a new one."""
     cmd = ["python", "-m", "export.build", "--steps", str(steps)]
-    if ffe:
-        cmd += ["--ffe", "--ffe-steps", str(ffe_steps)]
+    cmd += ["--ffe-steps", str(ffe_steps)] if ffe and ffe_steps != 4 else [] if ffe else ["--no-ffe"]
     if config and checkpoint != "default":
         cmd += ["--config", config]
     cmd += ["--checkpoint", str(checkpoint), "--backend", backend, "--precision", precision]
@@ -71,7 +108,9 @@ def build_command(config: str | None, checkpoint: str, backend: str, precision: 
         cmd += ["--opset", str(opset)]
     if batch != 1:
         cmd += ["--batch", str(batch)]
-    if out is not None:
+    if engine is not None:
+        cmd += ["--engine", str(engine)]
+    elif out is not None:
         cmd += ["--out", str(out)]
     if force:
         cmd.append("--force")
@@ -93,8 +132,8 @@ def file_record(path: Path, stage: str, key: str) -> dict:
 def artifact_matches(engine_dir: Path, name: str, record: dict | None, key: str) -> bool:
     """Is `name` present, whole, and made from the same inputs (stage key) as wanted now?"""
     path = engine_dir / name
-    return (record is not None and record.get("key") == key and path.is_file()
-            and path.stat().st_size == record["bytes"] and sha256_file(path) == record["sha256"])
+    return (isinstance(record, dict) and record.get("key") == key and path.is_file() and not path.is_symlink()
+            and path.stat().st_size == record.get("bytes") and sha256_file(path) == record.get("sha256"))
 
 
 def stage_key(**inputs) -> str:
@@ -130,11 +169,89 @@ def write_manifest(engine_dir: Path, manifest: dict) -> Path:
     return atomic_write(Path(engine_dir) / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
+class _MapOf:
+    """Schema of a dict whose values all follow `value` (and whose keys are file names if `file_keys`)."""
+
+    def __init__(self, value, file_keys: bool = False):
+        self.value, self.file_keys = value, file_keys
+
+
+class _Optional:
+    def __init__(self, schema):
+        self.schema = schema
+
+
+_NUM = (int, float)
+_FILE = "a plain file name inside the engine folder"
+# The keys every reader (Python here, C++ in csrc/runtime.cpp) relies on; others may be added freely.
+MANIFEST_SCHEMA = {
+    "format": int, "complete": bool, "name": str, "backend": str, "precision": str, "batch": int,
+    "opset": (int, type(None)), "device": str, "torch_version": str, "host": dict, "shapes": dict,
+    "model": {"config": dict, "config_name": str, "checkpoint": str, "weights_hash": str},
+    "schedule": {"steps": int, "ffe": bool, "ffe_steps": int, "shift": _NUM},
+    "artifacts": _MapOf({"bytes": int, "sha256": str, "data": _Optional([_FILE])}, file_keys=True),
+    "runtime": {"step": _FILE, "cross_kv": _FILE},
+    "portable": _Optional(_MapOf(_FILE)),
+}
+
+
+def _type_name(t) -> str:
+    return " or ".join("null" if x is type(None) else x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def _is_plain_file_name(name) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def schema_errors(value, schema, where: str = "manifest") -> list[str]:
+    """What in `value` breaks `schema` (dict = required keys, `_MapOf`, `_Optional`, a one-item list
+    = list of, `_FILE` = a plain file name, a type or tuple of types), as readable lines."""
+    if isinstance(schema, _Optional):
+        return [] if value is None else schema_errors(value, schema.schema, where)
+    if schema is _FILE:
+        return [] if _is_plain_file_name(value) else [f"{where} is {value!r}, expected {_FILE}"]
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return [f"{where} is {type(value).__name__}, expected an object"]
+        errs = []
+        for k, sub in schema.items():
+            if k not in value:
+                if not isinstance(sub, _Optional):
+                    errs.append(f"{where}.{k} is missing")
+                continue
+            errs += schema_errors(value[k], sub, f"{where}.{k}")
+        return errs
+    if isinstance(schema, _MapOf):
+        if not isinstance(value, dict):
+            return [f"{where} is {type(value).__name__}, expected an object"]
+        errs = []
+        for k, v in value.items():
+            if schema.file_keys and not _is_plain_file_name(k):
+                errs.append(f"{where} names {k!r}, expected {_FILE}")
+            errs += schema_errors(v, schema.value, f"{where}[{k!r}]")
+        return errs
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return [f"{where} is {type(value).__name__}, expected a list"]
+        return [e for i, v in enumerate(value) for e in schema_errors(v, schema[0], f"{where}[{i}]")]
+    types = schema if isinstance(schema, tuple) else (schema,)
+    if isinstance(value, bool) and bool not in types:  # bool is an int to isinstance, not to a manifest
+        return [f"{where} is {value!r}, expected {_type_name(schema)}"]
+    if not isinstance(value, types):
+        return [f"{where} is {type(value).__name__} {value!r:.40}, expected {_type_name(schema)}"]
+    return []
+
+
+def _default_hint() -> str:
+    return "; build one with: python -m export.build --steps 1 --backend ort"
+
+
 def read_manifest(engine_dir: str | os.PathLike, rebuild_hint: str | None = None) -> dict:
-    """The manifest of a finished build, or an EngineError naming what is wrong."""
+    """The manifest of a finished build, checked against `MANIFEST_SCHEMA`, or an EngineError
+    naming what is wrong and the command that rebuilds this folder."""
     d = Path(engine_dir)
-    hint = f"; rebuild: {rebuild_hint}" if rebuild_hint else \
-        "; build one with: python -m export.build --steps 1 --backend ort (see engines/README.md)"
+    hint = f"; rebuild: {rebuild_hint}" if rebuild_hint else _default_hint()
     if not d.is_dir():
         raise EngineError(f"engine folder {d} does not exist{hint}")
     path = d / MANIFEST_NAME
@@ -143,31 +260,48 @@ def read_manifest(engine_dir: str | os.PathLike, rebuild_hint: str | None = None
                           f"or this is not an engine folder{hint}")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EngineError(f"{path} is unreadable ({e}){hint}") from None
-    rebuild = rebuild_hint or manifest.get("rebuild", hint)
+    if not isinstance(manifest, dict):
+        raise EngineError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object{hint}")
+    if not rebuild_hint:
+        try:  # the recorded build arguments, pointed at this very folder
+            hint = f"; rebuild: {rebuild_for(manifest, d)}"
+        except Exception:  # arguments too damaged to reuse: the generic hint stays
+            pass
     if manifest.get("format") != FORMAT:
-        raise EngineError(f"{path} has manifest format {manifest.get('format')!r}, this version reads {FORMAT}; "
-                          f"rebuild: {rebuild}")
-    if not manifest.get("complete"):
-        raise EngineError(f"the build of {d} did not finish (manifest says complete=false; interrupted?); "
-                          f"rebuild: {rebuild}")
+        raise EngineError(f"{path} has manifest format {manifest.get('format')!r}, this version reads {FORMAT}{hint}")
+    if manifest.get("complete") is not True:
+        raise EngineError(f"the build of {d} did not finish (manifest says complete={manifest.get('complete')!r}; "
+                          f"interrupted?){hint}")
+    errs = schema_errors(manifest, MANIFEST_SCHEMA)
+    if not errs:
+        try:
+            ModelConfig.from_dict(manifest["model"]["config"])
+        except (ValueError, TypeError) as e:
+            errs = [f"manifest.model.config is not a model config ({e})"]
+    if errs:
+        raise EngineError(f"{path} does not follow the manifest schema (damaged or hand-edited): "
+                          + "; ".join(errs[:5]) + (f" (+{len(errs) - 5} more)" if len(errs) > 5 else "") + hint)
     return manifest
 
 
 def rebuild_for(manifest: dict, engine_dir: Path, config: ModelConfig | None = None,
                 checkpoint: str | None = None) -> str:
-    """The command that rebuilds this engine, for the requested model where one is given."""
-    args = dict(manifest.get("build", {}).get("args", {}))
+    """The command that rebuilds exactly this engine folder (wherever it is, whatever its name),
+    for the requested model where one is given."""
+    build = manifest.get("build")
+    args = dict(build.get("args", {})) if isinstance(build, dict) and isinstance(build.get("args"), dict) else {}
     if config is not None:
         args["config"] = config.name if config.name in PRESETS else args.get("config")
     if checkpoint is not None:
         args["checkpoint"] = checkpoint
-    args.setdefault("checkpoint", "default")
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    args.setdefault("config", model.get("config_name"))
+    args.setdefault("checkpoint", model.get("checkpoint", "default"))
     args.setdefault("backend", manifest.get("backend", "ort"))
-    args["out"] = str(Path(engine_dir).parent)
-    known = ("config", "checkpoint", "backend", "precision", "opset", "batch", "steps", "ffe", "ffe_steps", "out")
-    return build_command(**{k: v for k, v in args.items() if k in known}, force=True)
+    known = ("config", "checkpoint", "backend", "precision", "opset", "batch", "steps", "ffe", "ffe_steps")
+    return build_command(**{k: v for k, v in args.items() if k in known}, engine=Path(engine_dir), force=True)
 
 
 def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
@@ -218,8 +352,11 @@ def validate_manifest(engine_dir: str | os.PathLike, manifest: dict, *, expect_c
     for role, name in [*manifest["runtime"].items(), *manifest.get("portable", {}).items()]:
         if name not in manifest["artifacts"]:
             fail(f"manifest names {name} for {role} but has no record of it")
+    root = d.resolve()
     for name, rec in sorted(manifest["artifacts"].items()):
         path = d / name
+        if path.is_symlink() or path.resolve().parent != root:
+            fail(f"{name} is a link to {path.resolve()}: an engine folder holds its own files")
         if not path.is_file():
             fail(f"{name} is missing")
         if verify in ("full", "size") and path.stat().st_size != rec["bytes"]:
@@ -229,13 +366,23 @@ def validate_manifest(engine_dir: str | os.PathLike, manifest: dict, *, expect_c
     return cfg
 
 
-def find_engines(engines_dir: str | os.PathLike | None = None) -> list[tuple[Path, dict]]:
-    """(folder, manifest) of every finished build under `engines_dir`, newest first."""
-    root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
+def find_engines(engines_dir: str | os.PathLike | None = None,
+                 skipped: list[str] | None = None) -> list[tuple[Path, dict]]:
+    """(folder, manifest) of every finished build under `engines_dir` (default: the engine cache)
+    that its user owns and others cannot write, newest first. One bad folder never hides its
+    neighbours: each folder passed over is named in `skipped` with the reason."""
+    root = Path(engines_dir) if engines_dir is not None else engine_cache_dir()
     found = []
+    skipped = [] if skipped is None else skipped
     for m in sorted(root.glob(f"*/{MANIFEST_NAME}")) if root.is_dir() else []:
-        try:
-            found.append((m.parent, read_manifest(m.parent)))
-        except EngineError:
+        d = m.parent
+        why = untrusted_reason(root) or untrusted_reason(d) or next(
+            (f"{f.name}: {r}" for f in sorted(d.iterdir()) if (r := untrusted_reason(f))), None)
+        if why:
+            skipped.append(f"{d.name} (not loaded: {why})")
             continue
-    return sorted(found, key=lambda dm: dm[1].get("build", {}).get("finished", ""), reverse=True)
+        try:
+            found.append((d, read_manifest(d)))
+        except EngineError as e:
+            skipped.append(f"{d.name} ({str(e).split('; build one')[0].split('; rebuild')[0]})")
+    return sorted(found, key=lambda dm: str(dm[1].get("build", {}).get("finished", "")), reverse=True)
