@@ -44,7 +44,7 @@ def chunk_scores(video: np.ndarray, caption: str, frames_per_chunk: list[int]) -
 
 @torch.no_grad()
 def run(model: str, num_chunks: int, prompts: list[str], seeds: list[int], steps: int = 1, ffe: bool = True,
-        log=print) -> dict:
+        ffe_steps: int = 4, log=print) -> dict:
     from asd_deploy.generator import EagerStep, generate
     from asd_deploy.model import build_model
     from asd_deploy.pipeline import Pipeline
@@ -60,7 +60,7 @@ def run(model: str, num_chunks: int, prompts: list[str], seeds: list[int], steps
     settings = {f"rolling window ({cfg.max_cache_frames} frames, {cfg.sink_frames} sink)": EagerStep(base),
                 f"whole video in the cache ({whole.max_cache_frames} frames)": EagerStep(full)}
     result = {"model": model, "chunks": num_chunks, "pixel_frames": cfg.pixel_frames_for(num_chunks * cfg.frames_per_chunk),
-              "steps": steps, "ffe": ffe, "prompts": prompts, "seeds": seeds, "settings": {}}
+              "steps": steps, "ffe": ffe, "ffe_steps": ffe_steps, "prompts": prompts, "seeds": seeds, "settings": {}}
     for name, step in settings.items():
         per_chunk = []
         for prompt in prompts:
@@ -68,7 +68,7 @@ def run(model: str, num_chunks: int, prompts: list[str], seeds: list[int], steps
             for seed in seeds:
                 dec = pipe.vae.stream_decoder()
                 frames, sizes = [], []
-                for lat in generate(step, ctx, num_chunks=num_chunks, schedule=Schedule(steps, ffe), seed=seed):
+                for lat in generate(step, ctx, num_chunks=num_chunks, schedule=Schedule(steps, ffe, ffe_steps), seed=seed):
                     f = to_uint8_frames(dec.decode_chunk(lat))
                     frames.append(f)
                     sizes.append(len(f))
@@ -97,19 +97,21 @@ def to_markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from asd_deploy.cli import add_schedule_args, positive_int, run_command, seed_arg
+
     p = argparse.ArgumentParser(prog="python -m training.longvideo", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default", help="'default' or a model folder")
-    p.add_argument("--chunks", type=int, default=27, help="chunks per video (27: 321 frames, 20 s at 16 fps)")
-    p.add_argument("--prompts", type=int, default=8, help="how many of eval_prompts() (one object each)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--ffe", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--chunks", type=positive_int, default=27, help="chunks per video (27: 321 frames, 20 s at 16 fps)")
+    p.add_argument("--prompts", type=positive_int, default=8, help="how many of eval_prompts() (one object each)")
+    p.add_argument("--seeds", type=seed_arg, nargs="+", default=[0, 1])
+    add_schedule_args(p)
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json")
-    a = p.parse_args(argv)
-    if a.chunks < 1 or a.prompts < 1:
-        p.error("--chunks and --prompts must be >= 1")
+    return run_command(_main, p.parse_args(argv))
+
+
+def _main(a) -> int:
     prompts = [q for q in eval_prompts(2 * a.prompts) if " and " not in q][:a.prompts]
-    result = run(a.model, a.chunks, prompts, a.seeds, a.steps, a.ffe)
+    result = run(a.model, a.chunks, prompts, a.seeds, a.steps, a.ffe, ffe_steps=a.ffe_steps)
     md = to_markdown(result)
     print(md)
     if a.out:

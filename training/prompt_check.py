@@ -99,14 +99,18 @@ def check(video: np.ndarray, prompt: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from asd_deploy.cli import add_schedule_args, positive_int, run_command, seed_arg
+
     p = argparse.ArgumentParser(prog="python -m training.prompt_check", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default", help="'default' or a model folder")
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--ffe", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--frames", type=int, default=None, help="pixel frames (default: the model's)")
+    add_schedule_args(p)
+    p.add_argument("--seeds", type=seed_arg, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--frames", type=positive_int, default=None, help="pixel frames (default: the model's)")
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json")
-    a = p.parse_args(argv)
+    return run_command(_main, p.parse_args(argv))
+
+
+def _main(a) -> int:
     from asd_deploy.checkpoint import atomic_write
     from asd_deploy.pipeline import Pipeline
 
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
     rows = []
     for prompt in PROMPTS:
         for seed in a.seeds:
-            video, _ = pipe(prompt, steps=a.steps, ffe=a.ffe, seed=seed, frames=a.frames)
+            video, _ = pipe(prompt, steps=a.steps, ffe=a.ffe, ffe_steps=a.ffe_steps, seed=seed, frames=a.frames)
             r = check(video, prompt)
             rows.append({"prompt": prompt, "seed": seed, **{k: r[k] for k in ("background", "color", "shape", "direction")},
                          "read": {k: v for k, v in r["read"].items()}})
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
     if a.out:
         out = Path(a.out)
         atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(
-            {"rows": rows, "rates": rate, "all_right": all_ok, "model": a.model, "steps": a.steps, "ffe": a.ffe}, indent=1)))
+            {"rows": rows, "rates": rate, "all_right": all_ok, "model": a.model, "steps": a.steps, "ffe": a.ffe,
+             "ffe_steps": a.ffe_steps}, indent=1)))
         atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))
     return 0
 
