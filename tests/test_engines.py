@@ -240,6 +240,7 @@ def test_build_out_errors_are_clear(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # an ONNX export and optimisation: ~25 s on 2 cores
 def test_readme_command_one_builds_into_the_cache_and_generate_finds_it(tmp_path):
     """`python -m export.build --steps 1 && python -m asd_deploy generate --backend ort ...` with
     no --engine anywhere: the build goes to the user's cache, generate finds it there, and
