@@ -98,7 +98,8 @@ class VideoVAE:
                                                    low_cpu_mem_usage=False)
         except Exception as e:  # an unsafe pickle (.bin), truncated safetensors, a config of another model
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise CheckpointError(f"VAE folder {root} does not load ({type(e).__name__}: {first}); {expected}") from None
+            raise CheckpointError(f"VAE folder {root} does not load ({type(e).__name__}: {first}); "
+                                  f"{expected}") from None
         check_finite(vae.state_dict(), f"VAE {root}")
         return cls(vae.to(device), source=str(root))
 

@@ -43,8 +43,8 @@ import torch
 
 from asd_deploy.backends import open_engine
 from asd_deploy.backends.manifest import (FORMAT, MANIFEST_NAME, EngineError, artifact_matches, build_command,
-                                          engine_cache_dir, engine_dir_name, file_record, host_info, stage_key,
-                                          write_manifest)
+                                          engine_cache_dir, engine_dir_name, file_record, host_info,
+                                          is_engine_cache, stage_key, write_manifest)
 from asd_deploy.backends.signature import PRECISIONS, precision_dtype, signatures
 from asd_deploy.schedule import Schedule
 
@@ -118,7 +118,7 @@ def _prepare_folder(folder: Path) -> None:
                 raise EngineError(f"cannot build into {folder}: {parent} is a file, not a folder")
             break
     try:
-        if folder.parent == engine_cache_dir():
+        if is_engine_cache(folder.parent):
             folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".probe.tmp.{os.getpid()}"

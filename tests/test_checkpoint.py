@@ -154,7 +154,8 @@ def test_non_finite_and_non_float_weights_are_refused(tmp_path, tiny_cfg, tiny_m
     sd["blocks.1.ffn.2.weight"][3, 4] = float("nan")
     sd["head.head.bias"][0] = float("inf")
     torch.save(sd, tmp_path / "nan.pt")
-    with pytest.raises(CheckpointError, match=r"2 tensors hold NaN or Inf: \['blocks.1.ffn.2.weight', 'head.head.bias'\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"2 tensors hold NaN or Inf: \['blocks.1.ffn.2.weight', 'head.head.bias'\]"):
         load_checkpoint(tmp_path / "nan.pt", tiny_cfg)
     ints = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     ints["head.head.weight"] = (ints["head.head.weight"] * 100).to(torch.int32)

@@ -76,8 +76,8 @@ def test_inflated_vae_is_the_image_vae_on_every_frame():
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    r = subprocess.run([sys.executable, "-m", "training.train", "--recipe", "micro", "--max-steps", "2", "--out", str(out),
-                        "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "training.train", "--recipe", "micro", "--max-steps", "2", "--out",
+                        str(out), "--quiet"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     VideoVAE.tiny().save(out / "vae")
     return out

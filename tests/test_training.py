@@ -538,7 +538,8 @@ def test_every_training_cli_answers_bad_input_in_one_line(tmp_path, capsys):
     cases = [
         (training.vae.main, ["--out", str(tmp_path / "v"), "--clip-frames", "2"], "clip_frames=2"),
         (training.vae.main, ["--out", str(tmp_path / "v"), "--arch", "huge"], "arch='huge'"),
-        (training.ablation.main, ["--teacher", str(tmp_path / "junk.pt"), "--vae", str(tmp_path)], "has no config.json"),
+        (training.ablation.main, ["--teacher", str(tmp_path / "junk.pt"), "--vae", str(tmp_path)],
+         "has no config.json"),
         (training.package.main, ["--checkpoint", str(tmp_path / "none.pt"), "--vae", str(tmp_path), "--out",
                                  str(tmp_path / "m")], "config.json not found"),
         (training.toybench.main, ["--checkpoint", str(tmp_path / "junk.pt"), "--config", "tiny"], "cannot read"),

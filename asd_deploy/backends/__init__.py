@@ -23,7 +23,7 @@ import torch
 
 from ..config import ModelConfig
 from ..generator import EagerStep
-from .manifest import (ENGINE_BACKENDS, EngineError, build_command, engine_cache_dir, find_engines,
+from .manifest import (ENGINE_BACKENDS, EngineError, build_command, engine_cache_dir, find_engines, is_engine_cache,
                        read_manifest, validate_manifest)
 from .signature import PRECISIONS, precision_dtype
 
@@ -91,7 +91,7 @@ def find_engine(backend: str, config: ModelConfig, weights_hash: str, *, precisi
     if matches:
         return sorted(matches, key=lambda pd: pd[0])[0][1]
     cmd = build_command(config.name, checkpoint, backend, precision or "fp32", opset=opset, batch=batch,
-                        out=None if root == engine_cache_dir() else root)
+                        out=None if is_engine_cache(root) else root)
     local = Path("engines")
     note = (f" ({local.resolve()} is not searched: an engine runs code when loaded, so only a folder you name "
             f"with --engine, or your engine cache, is used)" if local.is_dir() and local.resolve() != root.resolve()

@@ -68,6 +68,14 @@ def engine_cache_dir() -> Path:
     return base / "asd-deploy" / "engines"
 
 
+def is_engine_cache(path: str | os.PathLike) -> bool:
+    """Is `path` the engine cache (False too when the cache setting itself is invalid)?"""
+    try:
+        return Path(path) == engine_cache_dir()
+    except EngineError:
+        return False
+
+
 def untrusted_reason(path: Path) -> str | None:
     """Why discovery must not load `path` (a folder or file it found, not one the user named):
     owned by another user, or writable by others. None when it is the user's own."""
