@@ -18,7 +18,11 @@ RUNTIME_ONLY = {"imageio-ffmpeg": "the ffmpeg binary imageio's FFMPEG plugin run
 # the extras that must carry one of those
 OPTIONAL = {"scipy": ({"scipy"}, {"train", "dev"}), "matplotlib": ({"matplotlib"}, {"bench", "dev"}),
             "triton": ({"triton"}, {"dev", "gpu", "gpu-cu12"}),
-            "tensorrt": ({"tensorrt", "tensorrt-cu13", "tensorrt-cu12"}, {"gpu", "gpu-cu12"})}
+            "tensorrt": ({"tensorrt", "tensorrt-cu13", "tensorrt-cu12"}, {"gpu", "gpu-cu12"}),
+            # the server (asd_deploy/serve/)
+            "fastapi": ({"fastapi"}, {"serve"}), "uvicorn": ({"uvicorn"}, {"serve"}), "av": ({"av"}, {"serve"}),
+            "prometheus_client": ({"prometheus-client"}, {"serve"}), "PIL": ({"pillow"}, {"serve"}),
+            "anyio": ({"anyio"}, {"serve"}), "ray": ({"ray"}, {"ray"})}
 
 
 def _name(req: str) -> str:
@@ -51,6 +55,7 @@ def _distribution(module: str) -> str:
 def test_every_import_is_declared_where_it_is_needed():
     base = {_name(r) for r in META["dependencies"]}
     extras = {k: {_name(r) for r in v} for k, v in META["optional-dependencies"].items()}
+    assert _imports() >= {"torch", "fastapi", "scipy"}  # the scan sees the code
     for module in sorted(_imports()):
         if module in OPTIONAL:
             dists, need = OPTIONAL[module]
