@@ -82,6 +82,7 @@ def test_stream_continues_from_frames(pipe):
     assert_close(torch.cat(s.latents, 2), ref, 1e-5, "Pipeline.stream(init=frames) vs generate(prefill=)")
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: CLI subprocesses
 def test_generate_cli_init(tmp_path):
     img = np.zeros((64, 64, 3), np.uint8)
     img[16:48, 16:48] = (255, 0, 0)

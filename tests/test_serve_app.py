@@ -112,6 +112,7 @@ def test_concurrent_websocket_streams_equal_their_solo_runs(server, pipe, n):
     assert len(slots) == n, "each concurrent stream had a slot of its own"
 
 
+@pytest.mark.slow  # ~30 s on 2 cores
 def test_full_house_refused_and_disconnect_frees_the_slot(server, pipe):
     from websockets.sync.client import connect
 
