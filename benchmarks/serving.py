@@ -144,7 +144,7 @@ def main(argv=None):
     ap.add_argument("--streams", default="1,2,4,8", help="stream counts to run")
     ap.add_argument("--chunks", type=int, default=12, help="chunks per stream")
     ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--no-ffe", action="store_true")
+    ap.add_argument("--ffe", action=argparse.BooleanOptionalAction, default=True, help="First-Frame Enhancement")
     ap.add_argument("--out", default=None, help="report folder (default benchmarks/reports/<date>-<host>)")
     args = ap.parse_args(argv)
     counts = [int(s) for s in args.streams.split(",")]
@@ -152,7 +152,7 @@ def main(argv=None):
         ap.error("--chunks must be >= 5 (a prompt switch lands mid-stream) and every stream count >= 1")
     from asd_deploy.schedule import Schedule
 
-    ffe = not args.no_ffe
+    ffe = args.ffe
     res = {"command": "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
            "config": args.config, "backend": args.backend, "schedule": Schedule(args.steps, ffe).describe(),
            "machine": machine_info(), "runs": []}
