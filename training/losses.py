@@ -63,12 +63,17 @@ def flow_matching_loss(pred_flow, x0, eps) -> torch.Tensor:
     return F.mse_loss(pred_flow.float(), (eps - x0).float())
 
 
+@torch.no_grad()
+def dmd_target_grad(x, fake_x0, real_x0) -> torch.Tensor:
+    """DMD's per-element direction (fake_x0 - real_x0) / mean|x - real_x0| (normalised per sample)."""
+    normalizer = (x - real_x0).abs().float().mean(dim=(1, 2, 3, 4), keepdim=True)
+    return torch.nan_to_num((fake_x0 - real_x0).float() / normalizer)
+
+
 def dmd_loss(x, fake_x0, real_x0) -> tuple[torch.Tensor, torch.Tensor]:
     """DMD's generator loss: grad = (fake_x0 - real_x0) / mean|x - real_x0| (per sample),
     loss = 0.5 * mse(x, (x - grad).detach()), whose gradient w.r.t. x is grad / numel."""
-    with torch.no_grad():
-        normalizer = (x - real_x0).abs().float().mean(dim=(1, 2, 3, 4), keepdim=True)
-        grad = torch.nan_to_num((fake_x0 - real_x0).float() / normalizer)
+    grad = dmd_target_grad(x, fake_x0, real_x0)
     return 0.5 * F.mse_loss(x.float(), (x.float() - grad).detach()), grad.abs().mean()
 
 
@@ -258,8 +263,12 @@ def generator_loss(nets: DistillNets, context, cfg: DistillConfig, num_chunks: i
         l_asd = rpgan_g_loss(nets.disc(h_fake, n), nets.disc(h_real, n))
         (g,) = torch.autograd.grad(l_asd, leaf)  # reaches x_n only: no critic / D parameter grads
         loss = loss + cfg.alpha * (x_n.float() * g.float()).sum()
-        # the two terms' gradient norms on the sample, DMD's estimated from its mean |grad| (alpha does
-        # not transfer across model sizes: DMD is divided by the element count, ASD is a batch mean)
-        logs.update(loss_asd=l_asd.detach(), asd_n=n,
-                    asd_grad_ratio=(cfg.alpha * g.float().norm()) / (grad_mag * x.numel() ** 0.5 / x.numel() + 1e-12))
+        # Each term's gradient on one sample, as a mean square over its elements (alpha does not
+        # transfer across model sizes: DMD is divided by the element count, ASD is a batch mean).
+        # Per sample and a mean, so the log is the same whatever the number of ranks; the ratio of
+        # the two norms is sqrt(asd_grad_ms / dmd_grad_ms).
+        b, per_sample = x.shape[0], x[0].numel()
+        dmd_g = dmd_target_grad(x, fake_x0, real_x0) / per_sample
+        logs.update(loss_asd=l_asd.detach(), asd_n=n, asd_grad_ms=(cfg.alpha * b * g.float()).square().mean(),
+                    dmd_grad_ms=dmd_g.square().mean())
     return loss, logs
