@@ -128,6 +128,9 @@ def test_full_house_refused_and_disconnect_frees_the_slot(server, pipe):
     assert code == 1013 and messages[0]["type"] == "error" and "all 4 stream slots are busy" in messages[0]["error"]
     r = httpx.get(server.url + "/v1/video", params={"prompt": "x"}, timeout=30)
     assert r.status_code == 503 and "busy" in r.json()["error"]
+    refused = _metrics(server)
+    assert refused['asd_streams_total{outcome="refused",route="stream"}'] >= 1
+    assert refused['asd_streams_total{outcome="refused",route="video"}'] >= 1
     clients[0].socket.close()  # vanish without a close handshake
     server.wait_active(3)
     messages, frames, code = ws_stream(server.ws_url, dict(type="start", prompt=PROMPTS[4], frames=_chunks(pipe, 2)))
@@ -256,15 +259,25 @@ def test_slow_client_is_dropped_others_unaffected(server, pipe):
     assert 'asd_streams_total{outcome="dropped",route="stream"} 1.0' in metrics, metrics
 
 
-def test_metrics_and_health(server):
-    assert server.health() == {"status": "ok", "streams_active": 0, "max_streams": 4}
+def _metrics(server) -> dict:
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
-    assert values["asd_stream_slots"] == 4 and values["asd_streams_active"] == 0
-    assert values["asd_chunks_served_total"] > 0 and values["asd_frames_served_total"] > 0
-    assert values["asd_chunk_latency_seconds_count"] == values["asd_chunks_served_total"]
-    assert values['asd_streams_total{outcome="refused",route="stream"}'] >= 1
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_metrics_and_health(server, pipe):
+    """Counters move by what this test serves (whatever ran before it on the same server)."""
+    server.wait_active(0, timeout=60)
+    assert server.health() == {"status": "ok", "streams_active": 0, "max_streams": 4}
+    before = _metrics(server)
+    assert before["asd_stream_slots"] == 4 and before["asd_streams_active"] == 0
+    frames = _chunks(pipe, 2)
+    r = httpx.get(server.url + "/v1/video", params={"prompt": PROMPTS[0], "frames": frames}, timeout=120)
+    assert r.status_code == 200
+    after = _metrics(server)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta["asd_chunks_served_total"] == 2 and delta["asd_frames_served_total"] == frames
+    assert after["asd_chunk_latency_seconds_count"] == after["asd_chunks_served_total"]
     page = httpx.get(server.url + "/", timeout=10)
     assert page.status_code == 200 and "/v1/stream" in page.text
     info = httpx.get(server.url + "/v1/info", timeout=10).json()
