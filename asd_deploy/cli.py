@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_PROMPT = "a red circle moving right on a white background"
-BACKENDS = ("eager", "compile", "ort", "aoti", "trt")
+BACKENDS = ("eager", "compile", "ort", "aoti", "trt", "auto")
 SEED_LIMIT = 2 ** 63
 # What a command may raise for bad input or a bad environment; each becomes "error: ..." and exit 2.
 # (EngineError, CheckpointError, ConfigError derive from RuntimeError / ValueError.)
@@ -151,7 +151,14 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="continue from this video or image (its last frames, encoded by the VAE, prefill the cache)")
     g.add_argument("--out", default="out.mp4", help="output: .mp4 for video, .pt for latents [1, C, F, H, W]")
     g.add_argument("--sheet", default=None, help="also write a PNG contact sheet of the frames (.png; video only)")
-    g.add_argument("--backend", default="eager", choices=BACKENDS, help="DiT backend")
+    g.add_argument("--backend", default="eager", choices=BACKENDS,
+                   help="DiT backend; auto: the engine `python -m export.build --backend auto` chose on this machine")
+    g.add_argument("--decoder", default="vae", choices=("vae", "tiny"),
+                   help="latents -> frames: the model's VAE decoder, or its distilled tiny decoder (much faster); "
+                        "an engine backend runs the engine's decoder when it was built from the same weights")
+    g.add_argument("--tiny-decoder", default=None, help="tiny decoder folder overriding the model's tiny_decoder/")
+    g.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
+                   help="denoise chunk n+1 on a worker thread while chunk n is decoded")
     g.add_argument("--device", default="cpu", help="device of the DiT (cpu, cuda); VAE and text encoder stay on CPU")
     g.add_argument("--cuda-graph", action="store_true",
                    help="capture the chunk step in a CUDA graph once and replay it (GPU only; not run on CPU CI)")
@@ -247,7 +254,7 @@ def _generate(args) -> int:
     from tqdm import tqdm
 
     from .schedule import Schedule
-    from .video import check_writable, contact_sheet, write_mp4
+    from .video import Mp4Writer, SheetSampler, check_writable
 
     out = Path(args.out)
     if out.suffix not in (".mp4", ".pt"):
@@ -274,19 +281,24 @@ def _generate(args) -> int:
     latents_only = out.suffix == ".pt"
     stream = pipe.stream(args.prompt, steps=args.steps, ffe=args.ffe, ffe_steps=args.ffe_steps, seed=args.seed,
                          frames=args.frames, latents_only=latents_only, keep_latents=latents_only, init=args.init)
-    frames = []
-    for chunk in tqdm(stream, total=stream.num_chunks, unit="chunk", disable=args.quiet, file=sys.stderr):
-        frames.append(chunk)
+    bar = tqdm(total=stream.num_chunks, unit="chunk", disable=args.quiet, file=sys.stderr)
     if latents_only:
+        for _ in stream:
+            bar.update()
         from .checkpoint import atomic_write
         latents = torch.cat(stream.latents, dim=2)
         atomic_write(out, lambda tmp: torch.save(latents.cpu(), tmp))
-    else:
-        import numpy as np
-        video = np.concatenate(frames, axis=0)
-        write_mp4(video, out, fps=pipe.fps)
-        if args.sheet:
-            contact_sheet(video, args.sheet, every=max(1, len(video) // 16))
+    else:  # chunk by chunk into the mp4 (renamed into place when whole): memory stays flat for any length
+        sheet = SheetSampler(stream.frames) if args.sheet else None
+        with Mp4Writer(out, fps=pipe.fps) as writer:
+            for chunk in stream:
+                writer.append(chunk)
+                if sheet is not None:
+                    sheet.add(chunk)
+                bar.update()
+        if sheet is not None:
+            sheet.sheet(args.sheet)
+    bar.close()
     s = stream.stats.summary(pipe.fps)
     cfg = pipe.config
     res = f"{cfg.width}x{cfg.height}"
@@ -296,7 +308,9 @@ def _generate(args) -> int:
     if latents_only:
         print(f"  DiT {s['dit_s']:.3f} s; first chunk after {s['first_frame_s']:.3f} s")
     else:
-        print(f"  FPS {s['fps_dit_only']:.1f} DiT only, {s['fps_with_vae']:.1f} incl. VAE decode; "
+        print(f"  decoder {pipe.info['decoder']} ({pipe.info['decoder_note']})"
+              + ("; DiT one chunk ahead on a worker thread" if pipe.pipelined else ""))
+        print(f"  FPS {s['fps_dit_only']:.1f} DiT only, {s['fps_end_to_end']:.1f} end to end (decode included); "
               f"first frame after {s['first_frame_s']:.3f} s (text {s['text_s']:.3f} s)")
     if args.sheet:
         print(f"  contact sheet: {args.sheet}")
@@ -306,12 +320,14 @@ def _generate(args) -> int:
 def _pipeline(args, batch: int = 1):
     from .pipeline import Pipeline
 
+    dec = dict(decoder=getattr(args, "decoder", "vae"), tiny_decoder=getattr(args, "tiny_decoder", None),
+               pipelined=getattr(args, "pipelined", True))  # `serve` has no decoder options (yet)
     if args.checkpoint:  # a bare DiT checkpoint with the default VAE/text encoder of its config
         return Pipeline.from_checkpoint(args.checkpoint, args.config, backend=args.backend, engine=args.engine,
                                         vae=args.vae, text_encoder=args.text_encoder, device=args.device,
-                                        batch=batch)
+                                        batch=batch, **dec)
     return Pipeline.from_pretrained(args.model, backend=args.backend, engine=args.engine, vae=args.vae,
-                                    text_encoder=args.text_encoder, device=args.device, batch=batch)
+                                    text_encoder=args.text_encoder, device=args.device, batch=batch, **dec)
 
 
 def _encode_prompt(args) -> int:

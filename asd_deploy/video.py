@@ -1,7 +1,10 @@
 """Video files: mp4 through imageio-ffmpeg (its ffmpeg binary ships in the PyPI wheel), PNG
 contact sheets, and reading back. Every file is written to a temporary name and renamed.
 
-Owns: file I/O of uint8 frames [T, H, W, 3]. Does not own decoding latents (`vae.py`).
+Owns: file I/O of uint8 frames [T, H, W, 3]: `Mp4Writer` (chunk by chunk into ffmpeg, constant
+memory for any length, renamed into place only when closed cleanly), `write_mp4` (the one-shot
+case of it), `SheetSampler` (a bounded, evenly spaced subsample of a stream for its contact
+sheet), `contact_sheet`, `read_mp4`. Does not own decoding latents (`decoders/`, `vae.py`).
 """
 from __future__ import annotations
 
@@ -50,20 +53,87 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+class Mp4Writer:
+    """H.264 mp4 (yuv420p) written chunk by chunk: frames go straight to the ffmpeg process, so
+    memory stays constant for any length. The file is written under a temporary name beside
+    `path` and renamed onto it by `close()`; leaving the `with` block on an error (or `abort()`)
+    removes it, so `path` only ever holds a whole video. Odd sizes are kept exactly
+    (macro_block_size=1). Every chunk must have the first chunk's frame size."""
+
+    def __init__(self, path, fps: int = 16):
+        import tempfile
+
+        import imageio.v2 as iio
+
+        self.path = check_writable(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.tmp.", suffix=".mp4", dir=self.path.parent)
+        os.close(fd)
+        self._tmp, self.frames, self._size = Path(tmp), 0, None
+        self._w = iio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
+                                 macro_block_size=1, ffmpeg_log_level="error", output_params=["-pix_fmt", "yuv420p"])
+
+    def append(self, frames: np.ndarray) -> None:
+        frames = _check_frames(frames)
+        if self._size is None:
+            self._size = frames.shape[1:]
+        elif frames.shape[1:] != self._size:
+            raise ValueError(f"frames of size {list(frames.shape[1:])} after frames of size {list(self._size)}: "
+                             f"one video has one frame size")
+        for f in frames:
+            self._w.append_data(f)
+        self.frames += len(frames)
+
+    def close(self) -> Path:
+        from .checkpoint import _UMASK
+
+        self._w.close()
+        if not self.frames:
+            self._tmp.unlink(missing_ok=True)
+            raise ValueError(f"no frames were written to {self.path}")
+        os.chmod(self._tmp, 0o666 & ~_UMASK)
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._w.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def write_mp4(frames: np.ndarray, path, fps: int = 16) -> Path:
-    """H.264 mp4 (yuv420p). Odd sizes are padded by ffmpeg's macro-block rounding off: we keep
-    the exact size by encoding with macro_block_size=1."""
-    import imageio.v2 as iio
-
+    """The whole video at once (one chunk of `Mp4Writer`)."""
     frames = _check_frames(frames)
+    with Mp4Writer(path, fps) as w:
+        w.append(frames)
+    return w.path
 
-    def write(tmp):
-        with iio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                            macro_block_size=1, ffmpeg_log_level="error",
-                            output_params=["-pix_fmt", "yuv420p"]) as w:
-            for f in frames:
-                w.append_data(f)
-    return _atomic(Path(path), write)
+
+class SheetSampler:
+    """Keeps `count` evenly spaced frames of a `total`-frame stream as its chunks pass by, for a
+    contact sheet: memory bounded by `count`, whatever the length."""
+
+    def __init__(self, total: int, count: int = 16):
+        self.keep = set(np.linspace(0, max(total - 1, 0), min(count, max(total, 1))).round().astype(int).tolist())
+        self.seen, self.frames = 0, []
+
+    def add(self, frames: np.ndarray) -> None:
+        for i in range(len(frames)):
+            if self.seen + i in self.keep:
+                self.frames.append(np.array(frames[i]))
+        self.seen += len(frames)
+
+    def sheet(self, path, cols: int = 8) -> Path:
+        return contact_sheet(np.stack(self.frames), path, cols=cols)
 
 
 def read_mp4(path) -> tuple[np.ndarray, float]:

@@ -1,16 +1,24 @@
 """Latency report a deployer can trust: every figure from this one command, on this machine.
 
-    python -m benchmarks.latency [--config tiny|small|medium|default] [--backends eager,compile,ort,aoti]
-                                 [--steps 1,2,4] [--ffe] [--chunks N] [--repeats R] [--long-chunks 50]
+    python -m benchmarks.latency [--config tiny|small|medium|default] [--backends eager,compile,ort18,ort23,aoti,auto]
+                                 [--decoders vae,tiny] [--steps 1,2,4] [--ffe] [--chunks N] [--repeats R]
+                                 [--long-chunks 1000] [--vae FOLDER] [--tiny-decoder FOLDER]
 
 Writes benchmarks/reports/<date>-<host>/latency.json (machine-readable, machine described),
 latency.md (the human report) and PNG plots (per-chunk latency by chunk index; FPS by backend
-and steps). Per setting: time to first frame, per-chunk latency, steady FPS DiT-only and with
-VAE decode, text-encoding time, peak RSS, KV-cache bytes, achieved GFLOP/s against this
-machine's fp32 matmul peak measured in the same run (the faster of torch.mm and oneDNN; the
-bound the step's own kernels put on that ratio: `benchmarks.ceiling`). Warm-up (compile,
-engine load) is reported apart; timings are medians over repeats with min and max. Settings that cannot run here
-(TensorRT, CUDA graphs without a GPU) are listed as "not run: no GPU", never with a number.
+and steps). Two parts, side by side in one run:
+  - DiT only, per backend and schedule: per-chunk latency, steady FPS, achieved GFLOP/s against
+    this machine's fp32 matmul peak measured in the same run (the faster of torch.mm and oneDNN;
+    the bound the step's own kernels put on that ratio: `benchmarks.ceiling`), 1-step against the
+    Self-Forcing recipe.
+  - End to end (`e2e.py`), per backend and decoder (the VAE's, the tiny one): frames out of
+    `Pipeline.stream` (pipelined), time to first frame (text included), steady end-to-end FPS,
+    per-chunk p50/p99 and jitter, the text / DiT / decode split, current RSS per chunk, and a
+    long rolling-window stream (`--long-chunks`) for RSS and latency growth.
+Issue 15's goal ratios are computed from those rows and printed together. Warm-up (compile,
+engine load) is reported apart; timings are medians over repeats. Settings that cannot run here
+(TensorRT, CUDA graphs without a GPU) are listed as "not run: no GPU", never with a number; a
+decoder without trained weights is timed and labelled "random weights".
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import argparse
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,6 +37,7 @@ from asd_deploy.model import CausalWanDiT
 from asd_deploy.registry import load_dit
 from asd_deploy.schedule import Schedule
 from benchmarks.common import machine_info, onednn_linear, report_dir, write_json
+from benchmarks.e2e import e2e_run, goal_ratios, long_stream, summarize_e2e
 
 GPU_ONLY = ("trt", "eager+cudagraph")  # measured on a GPU by python -m benchmarks.gpu
 
@@ -89,86 +99,155 @@ class CountingStep:
         return self.step(*args)
 
 
-def run_once(step, vae, context, num_chunks, schedule, seed=0):
-    """Per-chunk DiT seconds, VAE seconds and step calls for one video. A chunk's DiT time is
-    what `next()` on the generator takes: the previous chunk's clean pass, then this chunk's
-    steps; the calls are counted around exactly that."""
-    dit, dec, calls = [], [], []
+def run_once(step, context, num_chunks, schedule, seed=0):
+    """Per-chunk DiT seconds and step calls for one video (no decode: the end-to-end rows have
+    it). A chunk's DiT time is what `next()` on the generator takes: the previous chunk's clean
+    pass, then this chunk's steps; the calls are counted around exactly that."""
+    dit, calls = [], []
     counted = CountingStep(step)
-    decoder = vae.stream_decoder(1)
     it = generate(counted, context, num_chunks=num_chunks, schedule=schedule, seed=seed)
     for _ in range(num_chunks):
         before = counted.calls
         t0 = time.perf_counter()
         lat = next(it)
-        if lat.is_cuda:  # queued kernels: wait for them, or the VAE's copy pays for the DiT
+        if lat.is_cuda:  # queued kernels: wait for them, or the next timing pays for the DiT
             torch.cuda.synchronize(lat.device)
-        t1 = time.perf_counter()
+        dit.append(time.perf_counter() - t0)
         calls.append(counted.calls - before)
-        decoder.decode_chunk(lat.float())
-        dec.append(time.perf_counter() - t1)
-        dit.append(t1 - t0)
-    return dit, dec, calls
+    return dit, calls
 
 
 def summarize(runs, cfg: ModelConfig, text_s: float, schedule: Schedule, flops: int, peak: float) -> dict:
     n = len(runs[0][0])
     med = lambda xs: statistics.median(xs)  # noqa: E731
     dit = [med([r[0][i] for r in runs]) for i in range(n)]
-    dec = [med([r[1][i] for r in runs]) for i in range(n)]
     frames = [cfg.pixel_frames_for(cfg.frames_per_chunk)] + [cfg.vae_stride[0] * cfg.frames_per_chunk] * (n - 1)
     steady = slice(1, n) if n > 1 else slice(0, n)
     fps_dit = sum(frames[steady]) / sum(dit[steady])
-    fps_vae = sum(frames[steady]) / (sum(dit[steady]) + sum(dec[steady]))
-    calls = runs[0][2]  # the same in every run: the schedule fixes them
+    calls = runs[0][1]  # the same in every run: the schedule fixes them
     gflops = sum(c * flops for c in calls[steady]) / sum(dit[steady]) / 1e9
     totals = [sum(r[0]) for r in runs]
     return {"schedule": schedule.describe(), "steps": schedule.steps, "ffe": schedule.ffe,
-            "chunk_dit_s": dit, "chunk_vae_s": dec, "chunk_step_calls": calls, "chunk_frames": frames,
+            "chunk_dit_s": dit, "chunk_step_calls": calls, "chunk_frames": frames,
             "video_dit_s": {"median": med(totals), "min": min(totals), "max": max(totals)},
-            "time_to_first_frame_s": text_s + dit[0] + dec[0], "text_s": text_s,
-            "fps_dit_only": fps_dit, "fps_with_vae": fps_vae, "achieved_gflops": gflops,
-            "pct_of_matmul_peak": 100 * gflops / peak}
+            "time_to_first_frame_dit_s": text_s + dit[0], "text_s": text_s,
+            "fps_dit_only": fps_dit, "achieved_gflops": gflops, "pct_of_matmul_peak": 100 * gflops / peak}
 
 
-def bench_backend(name, loaded, vae, context, args, flops, peak):
+def backend_step(name, loaded):
+    """'ort18' / 'ort23': the ORT engine of that opset under engines/; 'auto': the engine
+    `export.build --backend auto` chose; else a backend name."""
     from asd_deploy.pipeline import make_step
 
+    opset = int(name[3:]) if name.startswith("ort") and name[3:].isdigit() else None
+    return make_step("ort" if opset else name, loaded, opset=opset)
+
+
+def bench_backend(name, loaded, context, args, flops, peak):
     t0 = time.perf_counter()
     try:
-        # 'ort18' / 'ort23': the ORT engine of that opset under engines/
-        opset = int(name[3:]) if name.startswith("ort") and name[3:].isdigit() else None
-        step = make_step("ort" if opset else name, loaded, opset=opset)
-        run_once(step, vae, context, 1, Schedule(steps=1))  # first call: compile / engine load / warm caches
+        step = backend_step(name, loaded)
+        run_once(step, context, 1, Schedule(steps=1))  # first call: compile / engine load / warm caches
     except Exception as e:  # an engine not built, a backend not installed: reported, not hidden
-        return {"backend": name, "not_run": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+        return {"backend": name, "not_run": f"{type(e).__name__}: {str(e).splitlines()[0]}"}, None
     warm = time.perf_counter() - t0
     rows = []
     settings = [Schedule(steps=s) for s in args.steps] + ([Schedule(steps=s, ffe=True) for s in args.steps]
                                                           if args.ffe else [])
-    if Schedule(steps=4) not in settings:
-        settings.append(Schedule(steps=4))  # the Self-Forcing recipe: 4 steps + the clean pass
+    for must in (Schedule(steps=1), Schedule(steps=4)):  # ASD 1-step; the Self-Forcing recipe (4 + clean pass)
+        if must not in settings:
+            settings.append(must)
     for sched in settings:
-        runs = [run_once(step, vae, context, args.chunks, sched, seed=r) for r in range(args.repeats)]
+        runs = [run_once(step, context, args.chunks, sched, seed=r) for r in range(args.repeats)]
         rows.append(summarize(runs, loaded.config, args.text_s, sched, flops, peak))
-    return {"backend": name, "warmup_s": warm, "rows": rows}
+    return {"backend": name, "warmup_s": warm, "rows": rows}, step
 
 
-def long_video(loaded, vae, context, chunks: int) -> dict:
-    """Rolling window: latency and RSS stay flat far past the cache length."""
-    from asd_deploy.pipeline import make_step
+E2E_SCHEDULES = (Schedule(steps=1, ffe=True), Schedule(steps=1), Schedule(steps=4))  # deployed; ASD 1; Self-Forcing
 
-    step = make_step("eager", loaded)
-    lat, rss = [], []
-    it = generate(step, context, num_chunks=chunks, schedule=Schedule(steps=1), seed=0)
-    for _ in range(chunks):
-        t0 = time.perf_counter()
-        next(it)
-        lat.append(time.perf_counter() - t0)
-        rss.append(peak_rss_mb())
-    w = lambda i: statistics.median(lat[max(0, i - 2):i + 3])  # noqa: E731  (5-chunk window, less noise)
-    return {"chunks": chunks, "chunk_s": lat, "peak_rss_mb": rss, "chunk5_s": w(5), "chunk50_s": w(min(50, chunks - 3)),
-            "ratio_50_over_5": w(min(50, chunks - 3)) / w(5), "rss_growth_mb_5_to_end": rss[-1] - rss[5]}
+
+def decoders_for(args, loaded, vae):
+    """{name: (kind, tiny source or None, label)} of the decoders to time end to end."""
+    from asd_deploy.decoders.tiny import TINY_DECODER_ARCHS, TinyDecoder
+    from asd_deploy.registry import ASSETS
+
+    out = {}
+    for d in args.decoders:
+        if d == "vae":
+            out["vae"] = ("vae", None, "trained" if args.vae or args.config == "default" else "random weights")
+        elif d == "tiny":
+            folder = args.tiny_decoder or (str(ASSETS / "tiny_decoder") if args.config == "default" else None)
+            if args.tiny_decoder and not Path(folder, "config.json").is_file():
+                raise FileNotFoundError(f"--tiny-decoder {folder}: no tiny decoder there")
+            if folder is not None and Path(folder, "config.json").is_file():
+                out["tiny"] = ("tiny", folder, "trained")
+            else:  # time the architecture; its frames mean nothing
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    net = TinyDecoder(TINY_DECODER_ARCHS["demo"], source="random weights (speed only)").eval()
+                out["tiny"] = ("tiny", net, "random weights")
+        else:
+            raise ValueError(f"--decoders takes vae and tiny; got {d!r}")
+    return out
+
+
+def bench_e2e(name, step, loaded, text, vae, decoders, args) -> list[dict]:
+    """End-to-end rows of one backend: each decoder x `E2E_SCHEDULES`, pipelined."""
+    from asd_deploy.decoders import pipeline_decoder
+    from asd_deploy.pipeline import Pipeline
+
+    rows = []
+    for dname, (kind, tiny, label) in decoders.items():
+        net, note = pipeline_decoder(kind, vae, tiny, step)
+        pipe = Pipeline(loaded.config, step, text, vae, decoder=net)
+        e2e_run(pipe, 2, steps=1, ffe=False)  # warm the decoder (engine load, first-call allocations)
+        for sched in E2E_SCHEDULES:
+            runs = [e2e_run(pipe, args.e2e_chunks, sched.steps, sched.ffe, seed=r) for r in range(args.repeats)]
+            rows.append({"backend": name, "decoder": dname, "decoder_impl": net.name, "decoder_note": note,
+                         "weights": label, "schedule": sched.describe(), "steps": sched.steps, "ffe": sched.ffe,
+                         "summary": summarize_e2e(runs)})
+    return rows
+
+
+def _e2e_lines(res: dict) -> list[str]:
+    L = ["", "## End to end: frames out of `Pipeline.stream`, decode included (pipelined)", "",
+         f"{res['e2e_chunks']} chunks per video; time to first frame includes encoding the prompt; chunk p50/p99 "
+         "and jitter (p99 - p50) are over the intervals between consecutive chunks' frames; DiT and decode overlap "
+         "(pipelined), so their shares of the wall time can add up to more than 100%.", "",
+         "| backend | decoder | schedule | first frame (s) | FPS end to end | chunk p50 (ms) | p99 (ms) | jitter (ms) "
+         "| text / DiT / decode (% of wall) | RSS end (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["e2e"]:
+        s, sp = r["summary"], r["summary"]["split_pct_of_wall"]
+        dec = f"{r['decoder']} ({r['decoder_impl']}{', ' + r['weights'] if r['weights'] != 'trained' else ''})"
+        L.append(f"| {r['backend']} | {dec} | {r['schedule']} | {s['time_to_first_frame_s']:.3f} | "
+                 f"{s['fps_end_to_end']:.1f} | {1e3 * s['chunk_p50_s']:.1f} | {1e3 * s['chunk_p99_s']:.1f} | "
+                 f"{1e3 * s['jitter_s']:.1f} | {sp['text']:.0f} / {sp['dit']:.0f} / {sp['decode']:.0f} | "
+                 f"{s['rss_mb'][-1]:.0f} |")
+    g = res["goals"]
+    L += ["", "## Issue 15's goals, each from rows of this run", "",
+          "| goal | setting | measured | goal | met |", "|---|---|---|---|---|"]
+    for k, v in g["e2e_over_dit_only"].items():
+        L.append(f"| end-to-end / DiT-only FPS | {k} | {v['e2e_fps']:.1f} / {v['dit_only_fps']:.1f} = "
+                 f"{v['ratio']:.2f} | >= {v['goal']} | {'yes' if v['ratio'] >= v['goal'] else 'no'} |")
+    for k, v in g["ttff_over_steady_chunk"].items():
+        L.append(f"| first frame / steady chunk (FFE) | {k} | {v['ttff_s']:.3f} / {v['steady_chunk_s']:.3f} = "
+                 f"{v['ratio']:.2f} | <= {v['goal']} | {'yes' if v['ratio'] <= v['goal'] else 'no'} |")
+    for k, v in g["one_step_over_self_forcing"].items():
+        L.append(f"| Self-Forcing recipe / ASD, whole video with decode | {k} | {v['self_forcing_video_s']:.3f} / "
+                 f"{v['asd_video_s']:.3f} s = {v['ratio']:.2f} | >= {v['goal']} | "
+                 f"{'yes' if v['ratio'] >= v['goal'] else 'no'} |")
+    if "long_stream" in g:
+        ls, lv = g["long_stream"], res["long"]
+        r, t = ls["rss"], ls["chunk_time"]
+        L.append(f"| RSS chunk {r['end_chunk']} / chunk {r['ref_chunk']} | {lv['setting']} | "
+                 f"{lv['rss_end_mb']:.1f} / {lv['rss_ref_mb']:.1f} MiB = {r['ratio']:.3f} | within 5% | "
+                 f"{'yes' if abs(r['ratio'] - 1) <= 0.05 else 'no'} |")
+        L.append(f"| chunk {t['end_chunk']} / chunk {t['ref_chunk']} time | {lv['setting']} | "
+                 f"{1e3 * lv['time_end_s']:.1f} / {1e3 * lv['time_ref_s']:.1f} ms = {t['ratio']:.2f} | <= 1.1 | "
+                 f"{'yes' if t['ratio'] <= 1.1 else 'no'} |")
+        if ls["note"]:
+            L += ["", f"Note: {ls['note']}."]
+    return L
 
 
 def write_report(res: dict, out) -> None:
@@ -178,37 +257,34 @@ def write_report(res: dict, out) -> None:
          f"onnxruntime {m['onnxruntime']}, GPU: {m['gpu'] or 'none'}.",
          f"Command: `{res['command']}`", "",
          f"fp32 matmul peak measured in this run: {res['matmul_peak_gflops']:.1f} GFLOP/s (the faster of "
-         + ", ".join(f"{k} {v:.1f}" for k, v in res["matmul_rates_gflops"].items()) + ", 1024^3). "
-         f"One chunk step (full cache): {res['step_gflop']:.3f} GFLOP. Text encoding: {res['text_s'] * 1e3:.1f} ms. "
-         f"KV cache: {res['kv_cache_bytes'] / 2**20:.2f} MiB. Peak RSS: {res['peak_rss_mb']:.0f} MiB.", "",
-         "| backend | schedule | first frame (s) | chunk DiT median (ms) | FPS DiT only | FPS with VAE | GFLOP/s | % peak | warm-up (s) |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         + ", ".join(f"{k} {v:.1f}" for k, v in res["matmul_rates_gflops"].items()) + ", 1024^3); every % figure "
+         f"below is against it. One chunk step (full cache): {res['step_gflop']:.3f} GFLOP. Text encoding: "
+         f"{res['text_s'] * 1e3:.1f} ms. KV cache: {res['kv_cache_bytes'] / 2**20:.2f} MiB. Peak RSS: "
+         f"{res['peak_rss_mb']:.0f} MiB.", "",
+         "## DiT only", "",
+         "| backend | schedule | chunk DiT median (ms) | FPS DiT only | GFLOP/s | % peak | warm-up (s) |",
+         "|---|---|---|---|---|---|---|"]
     for b in res["backends"]:
         if "not_run" in b:
-            L.append(f"| {b['backend']} | - | not run: {b['not_run']} | | | | | | |")
+            L.append(f"| {b['backend']} | - | not run: {b['not_run']} | | | | |")
             continue
         for r in b["rows"]:
-            L.append(f"| {b['backend']} | {r['schedule']} | {r['time_to_first_frame_s']:.3f} | "
+            L.append(f"| {b['backend']} | {r['schedule']} | "
                      f"{1e3 * statistics.median(r['chunk_dit_s'][1:] or r['chunk_dit_s']):.1f} | {r['fps_dit_only']:.1f} | "
-                     f"{r['fps_with_vae']:.1f} | {r['achieved_gflops']:.1f} | {r['pct_of_matmul_peak']:.0f}% | "
-                     f"{b['warmup_s']:.2f} |")
+                     f"{r['achieved_gflops']:.1f} | {r['pct_of_matmul_peak']:.0f}% | {b['warmup_s']:.2f} |")
     for g in GPU_ONLY:
-        L.append(f"| {g} | - | not run: no GPU | | | | | | |")
-    L += ["", "## ASD 1-step against the Self-Forcing recipe (4 steps + clean pass), DiT only", ""]
+        L.append(f"| {g} | - | not run: no GPU | | | | |")
+    L += ["", "ASD 1-step against the Self-Forcing recipe (4 steps + clean pass), DiT only, whole video:", ""]
     for b in res["backends"]:
         for k, v in b.get("speedup_vs_self_forcing", {}).items():
-            L.append(f"- {b['backend']}: {k}: {v:.2f}x faster (goal for 1-step: >= 2.4x)")
+            L.append(f"- {b['backend']}: {k}: {v:.2f}x faster")
+    L += _e2e_lines(res)
     if res.get("vs_diffusers"):
         L += ["", "## Our eager DiT against diffusers' WanTransformer3DModel (same config and weights, one chunk)", "",
               "| row | median (ms) | min | max | speed vs diffusers |", "|---|---|---|---|---|"]
         for k, v in res["vs_diffusers"]["rows"].items():
             L.append(f"| {k} | {1e3 * v['median']:.2f} | {1e3 * v['min']:.2f} | {1e3 * v['max']:.2f} | "
                      f"{v['speedup_vs_diffusers']:.2f}x |")
-    if res.get("long"):
-        lv = res["long"]
-        L += ["", f"## Long video (rolling window, {lv['chunks']} chunks, eager 1-step)", "",
-              f"chunk 50 / chunk 5 latency: {lv['ratio_50_over_5']:.2f}x (goal <= 1.1x); RSS growth from chunk 5 to "
-              f"the end: {lv['rss_growth_mb_5_to_end']:.1f} MiB."]
     p = res["projection"]
     L += ["", "## Paper-scale projection (NOT a measurement)", "",
           f"At `wan2.1-1.3b` one chunk step against a full cache is {p['step_tflop']:.1f} TFLOP. On one H100 "
@@ -226,9 +302,14 @@ def plots(res: dict, out) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for b in res["backends"]:
         for r in b.get("rows", []):
-            ax.plot([1e3 * x for x in r["chunk_dit_s"]], marker="o", label=f"{b['backend']} {r['schedule']}")
+            ax.plot([1e3 * x for x in r["chunk_dit_s"]], marker="o", label=f"{b['backend']} {r['schedule']} (DiT)")
+    for r in res.get("e2e", []):
+        if (r["steps"], r["ffe"]) == (1, True):
+            s = r["summary"]
+            ax.plot([1e3 * s["ready_s"][0]] + [1e3 * x for x in s["interval_s"]], marker="x", linestyle="--",
+                    label=f"{r['backend']} + {r['decoder']} decoder, end to end")
     ax.set_xlabel("chunk index")
-    ax.set_ylabel("DiT latency per chunk (ms)")
+    ax.set_ylabel("latency per chunk (ms)")
     ax.set_title(f"per-chunk latency, {res['config']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -253,25 +334,33 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="small", help="tiny | small | medium | default (the embedded model)")
-    ap.add_argument("--backends", default="eager")
+    ap.add_argument("--backends", default="eager", help="eager, compile, ort18, ort23, aoti, auto, trt (comma list)")
+    ap.add_argument("--decoders", default="vae,tiny", help="end-to-end decoders: vae, tiny (comma list)")
     ap.add_argument("--steps", default="1,2")
     ap.add_argument("--ffe", action="store_true", help="also run each step count with First-Frame Enhancement")
-    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--chunks", type=int, default=4, help="chunks per video, DiT-only rows")
+    ap.add_argument("--e2e-chunks", type=int, default=None, help="chunks per video, end-to-end rows (default --chunks)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--long-chunks", type=int, default=0, help="rolling-window run length (0: skip; 50+ for the goal)")
+    ap.add_argument("--long-chunks", type=int, default=0,
+                    help="rolling-window stream length for RSS and latency growth (0: skip; the goal is 1000)")
+    ap.add_argument("--vae", default=None, help="VAE folder (default: the model's, or a tiny random one)")
+    ap.add_argument("--tiny-decoder", default=None, help="tiny decoder folder (default: the model's, or random weights)")
     ap.add_argument("--out", default=None, help="report folder (default benchmarks/reports/<date>-<host>)")
     args = ap.parse_args(argv)
     args.steps = [int(s) for s in args.steps.split(",")]
-    if args.chunks < 2:
-        ap.error("--chunks must be >= 2 (steady state excludes the first chunk)")
-    from pathlib import Path
-
+    args.decoders = [d for d in args.decoders.split(",") if d]
+    args.e2e_chunks = args.e2e_chunks or args.chunks
+    if args.chunks < 2 or args.e2e_chunks < 2:
+        ap.error("--chunks and --e2e-chunks must be >= 2 (steady state excludes the first chunk)")
+    from asd_deploy.registry import ASSETS, default_is_trained
     from asd_deploy.text import DefaultTextEncoder
     from asd_deploy.vae import VideoVAE
 
     loaded = load_dit("default") if args.config == "default" else load_dit("random", args.config)
     cfg = loaded.config
-    vae = VideoVAE.tiny(seed=0, z_dim=cfg.in_channels)
+    vae_dir = args.vae or (ASSETS / "vae" if args.config == "default" and default_is_trained() else None)
+    vae = VideoVAE.from_pretrained(vae_dir) if vae_dir else VideoVAE.tiny(seed=0, z_dim=cfg.in_channels)
+    decoders = decoders_for(args, loaded, vae)
     enc = DefaultTextEncoder(text_len=cfg.text_len)
     t0 = time.perf_counter()
     context = enc.encode("a red circle moving right on a white background")
@@ -281,23 +370,44 @@ def main(argv=None):
     flops = step_flops(cfg)
     res = {"command": "python -m benchmarks.latency " + " ".join(argv if argv is not None else sys.argv[1:]),
            "config": cfg.name, "machine": machine_info(), "matmul_peak_gflops": peak,
-           "matmul_rates_gflops": rates, "step_gflop": flops / 1e9,
-           "text_s": args.text_s, "kv_cache_bytes": KVCache(cfg).nbytes, "backends": []}
+           "matmul_rates_gflops": rates, "step_gflop": flops / 1e9, "e2e_chunks": args.e2e_chunks,
+           "text_s": args.text_s, "kv_cache_bytes": KVCache(cfg).nbytes, "backends": [], "e2e": []}
+    first_step = None
     for name in args.backends.split(","):
         print(f"[latency] {name} ...", flush=True)
-        b = bench_backend(name, loaded, vae, context, args, flops, peak)
-        rows = {r["schedule"]: r for r in b.get("rows", [])}
-        sf = rows.get("4-step")
+        b, step = bench_backend(name, loaded, context, args, flops, peak)
+        rows = {(r["steps"], r["ffe"]): r for r in b.get("rows", [])}
+        sf = rows.get((4, False))
         if sf:
-            b["speedup_vs_self_forcing"] = {k: sf["video_dit_s"]["median"] / r["video_dit_s"]["median"]
-                                            for k, r in rows.items() if k != "4-step"}
+            b["speedup_vs_self_forcing"] = {r["schedule"]: sf["video_dit_s"]["median"] / r["video_dit_s"]["median"]
+                                            for k, r in rows.items() if k != (4, False)}
         res["backends"].append(b)
+        if step is None:
+            continue
+        first_step = first_step or (name, step)
+        print(f"[latency] {name} end to end ({', '.join(decoders)}) ...", flush=True)
+        e2e = bench_e2e(name, step, loaded, enc, vae, decoders, args)
+        for r in e2e:  # DiT-only FPS of the same backend and step count, from this run's DiT rows
+            r["dit_only_fps"] = rows[(r["steps"], False)]["fps_dit_only"] if (r["steps"], False) in rows else \
+                rows[(r["steps"], True)]["fps_dit_only"]
+        res["e2e"] += e2e
     if args.config != "default":
         from benchmarks.eager_vs_diffusers import bench_config
         print("[latency] eager vs diffusers ...", flush=True)
         res["vs_diffusers"] = bench_config(cfg.name, max(3, args.repeats))
     res["not_run"] = {g: "not run: no GPU" for g in GPU_ONLY} if not torch.cuda.is_available() else {}
-    res["long"] = long_video(loaded, vae, context, args.long_chunks) if args.long_chunks else None
+    res["long"] = None
+    if args.long_chunks and first_step is not None:
+        from asd_deploy.decoders import pipeline_decoder
+        from asd_deploy.pipeline import Pipeline
+
+        dname = "tiny" if "tiny" in decoders else "vae"
+        kind, tiny, _ = decoders.get(dname, ("vae", None, ""))
+        net, _ = pipeline_decoder(kind, vae, tiny, first_step[1])
+        print(f"[latency] {args.long_chunks}-chunk stream ({first_step[0]} + {dname} decoder) ...", flush=True)
+        res["long"] = long_stream(Pipeline(cfg, first_step[1], enc, vae, decoder=net), args.long_chunks)
+        res["long"]["setting"] = f"{first_step[0]} + {dname} decoder, 1-step + FFE"
+    res["goals"] = goal_ratios(res["e2e"], res["long"])
     wan = ModelConfig.preset("wan2.1-1.3b")
     wf = step_flops(wan)
     util, h100 = 0.4, 989

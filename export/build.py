@@ -3,6 +3,8 @@
     python -m export.build --steps 1 [--no-ffe] [--ffe-steps 4] [--config tiny|small|medium|wan2.1-1.3b]
         [--checkpoint PATH|default|random] [--backend ort|aoti|trt] [--precision fp32|fp16|bf16]
         [--opset 18|23] [--batch 1] [--out DIR | --engine DIR] [--force] [--no-validate] [--quiet]
+        [--decoder vae|tiny|none] [--vae FOLDER] [--tiny-decoder FOLDER]
+    python -m export.build --backend auto ...   (builds ort 18/23 and aoti frozen/not, keeps the fastest here)
 
 Owns: the build stages and the manifest they write, where the folder goes, and one build per
 folder at a time. The folder is OUT/NAME, OUT by default the user's engine cache
@@ -18,6 +20,8 @@ weights hash, shapes, precision, opset, tool versions); `--force` rebuilds:
   trt:  export -> TensorRT engines for step and cross_kv (strongly typed; opset 23, falling back to 18
         when the parser rejects Attention/RMSNormalization) -> validate on the GPU
         (written to the TensorRT 10.x/11 docs, not run here: no GPU; fails naming what is missing)
+  ort/aoti also export the decoder (`--decoder`, default the model's VAE): decode_first and
+  decode_next with the causal cache as inputs/outputs (`decoder.py`), under the same manifest.
 `validate` runs the engine once against the eager model and records the error in the manifest.
 Every artifact is written under a temporary name and renamed; the manifest is rewritten after
 each stage with complete=false and finally with complete=true, so an interrupted build never
@@ -219,9 +223,18 @@ def _validate(folder: Path, manifest: dict, model, batch: int) -> dict:
 def build(*, config: str | None = None, checkpoint: str = "default", backend: str = "ort",
           precision: str = "fp32", steps: int = 1, ffe: bool = True, ffe_steps: int = 4, opset: int | None = None,
           batch: int = 1, out=None, engine=None, force: bool = False, validate: bool = True, log=None,
-          lock_timeout: float | None = None) -> Path:
+          lock_timeout: float | None = None, decoder: str = "vae", vae: str | None = None,
+          tiny_decoder: str | None = None, inductor_configs: dict | None = None) -> Path:
     """Build (or bring up to date) one engine folder; returns its path. `out`: parent folder
-    (default: the user's engine cache); `engine`: exactly this folder instead of OUT/NAME."""
+    (default: the user's engine cache); `engine`: exactly this folder instead of OUT/NAME.
+    `decoder`/`vae`/`tiny_decoder`: the decoder exported beside the DiT (`decoder.py`);
+    `inductor_configs` (aoti) replaces `INDUCTOR_CONFIGS`. `backend="auto"`: build the
+    candidates, time them here, keep the fastest (`auto.py`)."""
+    if backend == "auto":
+        from .auto import build_auto
+        return build_auto(config=config, checkpoint=checkpoint, precision=precision, steps=steps, ffe=ffe,
+                          ffe_steps=ffe_steps, batch=batch, out=out, force=force, log=log, decoder=decoder,
+                          vae=vae, tiny_decoder=tiny_decoder)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     opset = DEFAULT_OPSET.get(backend) if opset is None else opset
     schedule = Schedule(steps=steps, ffe=ffe, ffe_steps=ffe_steps)  # validates
@@ -232,8 +245,12 @@ def build(*, config: str | None = None, checkpoint: str = "default", backend: st
         raise EngineError(f"--out {out} is a file; it must be the folder engine folders go in")
     from asd_deploy.registry import load_dit
 
+    from .decoder import resolve_decoder
+
     loaded = load_dit(checkpoint, config)
     cfg = loaded.config
+    dec = resolve_decoder(decoder if backend in ("ort", "aoti") else "none", checkpoint, cfg, vae, tiny_decoder)
+    dec_args = dict(net=dec[0], source=dec[1], kind=decoder, vae=vae, tiny=tiny_decoder)
     dtype = precision_dtype(precision)
     model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
     folder = Path(engine) if engine is not None else out / engine_dir_name(
@@ -245,15 +262,18 @@ def build(*, config: str | None = None, checkpoint: str = "default", backend: st
             log(f"removed what an interrupted build left: {', '.join(stale)}")
         return _build_locked(folder, loaded, model, cfg, dtype, schedule, checkpoint=checkpoint, backend=backend,
                              precision=precision, opset=opset, batch=batch, out=out, force=force, validate=validate,
-                             log=log, t_start=t_start)
+                             log=log, t_start=t_start, dec=dec_args, inductor_configs=inductor_configs)
 
 
 def _build_locked(folder, loaded, model, cfg, dtype, schedule, *, checkpoint, backend, precision, opset, batch, out,
-                  force, validate, log, t_start) -> Path:
+                  force, validate, log, t_start, dec, inductor_configs) -> Path:
     steps, ffe, ffe_steps = schedule.steps, schedule.ffe, schedule.ffe_steps
     args = {"config": cfg.name, "checkpoint": checkpoint, "backend": backend, "precision": precision,
             "opset": opset, "batch": batch, "steps": steps, "ffe": ffe, "ffe_steps": ffe_steps, "out": str(out)}
     rebuild = build_command(**{k: v for k, v in args.items() if k != "out"}, engine=folder, force=True)
+    if dec["net"] is not None and (dec["kind"], dec["vae"], dec["tiny"]) != ("vae", None, None):
+        rebuild += " " + shlex.join(["--decoder", dec["kind"]] + (["--vae", dec["vae"]] if dec["vae"] else [])
+                                    + (["--tiny-decoder", dec["tiny"]] if dec["tiny"] else []))
     log(f"engine {folder.name} -> {folder}")
     log(f"  model {cfg.name} ({checkpoint}{'' if loaded.trained else ', RANDOM weights'}), weights "
         f"{loaded.weights_hash[:12]}, {precision}, batch {batch}, {schedule.describe()}")
@@ -353,11 +373,18 @@ def _build_locked(folder, loaded, model, cfg, dtype, schedule, *, checkpoint, ba
     elif backend == "aoti":
         from .aoti_export import INDUCTOR_CONFIGS, export_aoti
         base["cpu_isa"] = manifest["host"]["cpu_isa"]
-        base["inductor_configs"] = manifest["inductor_configs"] = INDUCTOR_CONFIGS
+        inductor_configs = dict(INDUCTOR_CONFIGS if inductor_configs is None else inductor_configs)
+        base["inductor_configs"] = manifest["inductor_configs"] = inductor_configs
         for g in ("step", "cross_kv"):
             key = stage_key(stage="build", graph=g, **base)
-            stage("build", f"{g}.pt2", key, lambda p, g=g: export_aoti(specs[g], p))
+            stage("build", f"{g}.pt2", key, lambda p, g=g: export_aoti(specs[g], p, inductor_configs))
         manifest["runtime"] = {"step": "step.pt2", "cross_kv": "cross_kv.pt2"}
+    if dec["net"] is not None:
+        from .decoder import build_decoder
+        log(f"  decoder: {dec['kind']} from {dec['source']}")
+        manifest["decoder"], dec_runtime = build_decoder(stage, folder, dec["net"], dec["source"], dec["kind"], cfg,
+                                                         batch, backend, base, opset, inductor_configs)
+        manifest["runtime"].update(dec_runtime)
 
     if not rebuilt and old.get("complete") and old.get("runtime") == manifest["runtime"]:
         log("engine is up to date (use --force to rebuild)")
@@ -369,6 +396,10 @@ def _build_locked(folder, loaded, model, cfg, dtype, schedule, *, checkpoint, ba
         worst = max(v["max_abs_err"] for v in manifest["validation"]["outputs"].values())
         log(f"[validate] max abs error {worst:.2e} over flow, k_new, v_new, cross_k, cross_v "
             f"({time.perf_counter() - t0:.1f} s)")
+        if dec["net"] is not None:
+            from .decoder import validate_decoder
+            manifest["decoder"]["validation"] = v = validate_decoder(folder, manifest, dec["net"])
+            log(f"[validate] decoder: max abs error {v['max_abs_err']:.2e} against the {v['reference']}")
     manifest["complete"] = True
     manifest["build"]["finished"] = _now()
     manifest["build"]["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
@@ -388,7 +419,8 @@ def _parser() -> argparse.ArgumentParser:
                                                      "(default: the default model's, or wan2.1-1.3b for a PATH)")
     ap.add_argument("--checkpoint", default="default", help="'default' (embedded model), 'random' (seeded random "
                                                             "weights at --config) or a checkpoint PATH")
-    ap.add_argument("--backend", default="ort", choices=("ort", "aoti", "trt"))
+    ap.add_argument("--backend", default="ort", choices=("ort", "aoti", "trt", "auto"),
+                    help="auto: build ort opset 18/23 and aoti frozen/not, time them here, keep the fastest")
     ap.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
     ap.add_argument("--opset", type=int, default=None, help="ONNX opset (ort default 18; 23 = fused Attention)")
     ap.add_argument("--batch", type=int, default=1, help="static batch size")
@@ -400,6 +432,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                     help="run the engine once against the eager model and record the error")
     ap.add_argument("--quiet", action="store_true", help="no progress lines (errors and the result still print)")
+    ap.add_argument("--decoder", default="vae", choices=("vae", "tiny", "none"),
+                    help="decoder exported beside the DiT (ort, aoti): the model's VAE, its tiny decoder, or none")
+    ap.add_argument("--vae", default=None, help="VAE folder for --decoder vae (default: the model's)")
+    ap.add_argument("--tiny-decoder", default=None, help="tiny decoder folder for --decoder tiny (default: the model's)")
     return ap
 
 
@@ -410,7 +446,8 @@ def main(argv=None) -> int:
         folder = build(config=args.config, checkpoint=args.checkpoint, backend=args.backend,
                        precision=args.precision, steps=args.steps, ffe=args.ffe, ffe_steps=args.ffe_steps,
                        opset=args.opset, batch=args.batch, out=args.out, engine=args.engine, force=args.force,
-                       validate=args.validate, log=log)
+                       validate=args.validate, log=log, decoder=args.decoder, vae=args.vae,
+                       tiny_decoder=args.tiny_decoder)
     except KeyboardInterrupt:
         print("interrupted: no finished manifest was written, so the engine will not load; rerun the same "
               "command to resume (finished stages are kept)", file=sys.stderr)
@@ -422,7 +459,12 @@ def main(argv=None) -> int:
     m = json.loads((folder / MANIFEST_NAME).read_text())
     sched = Schedule(**{k: m["schedule"][k] for k in ("steps", "ffe", "ffe_steps", "shift")})
     print(f"engine: {folder}")
-    print(f"generate with: {generate_command(folder, m['backend'], m['model']['checkpoint'], m['model']['config_name'], sched)}")
+    backend = "auto" if m.get("auto") else m["backend"]
+    if m.get("auto"):
+        print(f"chosen here: {m['auto']['chosen']} (" + ", ".join(
+            f"{c['name']} {1e3 * c['chunk_s']:.2f} ms" if "chunk_s" in c else f"{c['name']}: {c['error']}"
+            for c in m["auto"]["candidates"]) + " per chunk)")
+    print(f"generate with: {generate_command(folder, backend, m['model']['checkpoint'], m['model']['config_name'], sched)}")
     if m["backend"] == "aoti" and m.get("device", "cpu") == "cpu":
         print(f"or natively (C++, see README): ./build/asd_stream --engine {folder} --prompt prompt.npy --out latents.npy")
     return 0

@@ -140,3 +140,42 @@ def cross_kv_spec(model, batch: int = 1) -> ExportSpec:
 def export_specs(model, batch: int = 1, opset: int | None = None) -> list[ExportSpec]:
     """Both graphs of an engine."""
     return [step_spec(model, batch, mask_4d=opset is not None and opset >= 23), cross_kv_spec(model, batch)]
+
+
+# ---- decoders -----------------------------------------------------------------------------------
+class DecodeFirstGraph(nn.Module):
+    """A decode net's first chunk: latents -> (video, *caches)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, latents):
+        video, caches = self.net.first(latents)
+        return (video, *caches)
+
+
+class DecodeNextGraph(nn.Module):
+    """A decode net's later chunks: (latents, *caches) -> (video, *new caches)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, latents, *caches):
+        video, new = self.net.next(latents, caches)
+        return (video, *new)
+
+
+def decoder_specs(net, config: ModelConfig, batch: int = 1, seed: int = 0) -> list[ExportSpec]:
+    """`decode_first` and `decode_next` of a decode net (`asd_deploy.decoders`, fp32) for chunks
+    of the model's frames_per_chunk latent frames; sample caches are random (any values trace)."""
+    from asd_deploy.decoders.engine import decode_signatures
+
+    g = torch.Generator().manual_seed(seed)
+    h, w, f = config.latent_height, config.latent_width, config.frames_per_chunk
+    sigs = decode_signatures(net, batch, f, h, w)
+    lat = torch.randn(batch, net.z_dim, f, h, w, generator=g)
+    caches = tuple(torch.randn(s, generator=g) for s in net.cache_shapes(batch, h, w))
+    return [ExportSpec("decode_first", DecodeFirstGraph(net).eval(), sigs["decode_first"], (lat,)),
+            ExportSpec("decode_next", DecodeNextGraph(net).eval(), sigs["decode_next"], (lat, *caches))]

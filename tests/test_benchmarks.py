@@ -1,8 +1,9 @@
-"""Smoke test of the latency report: files, schema, and numbers consistent with each other.
-No test asserts a speed."""
+"""Smoke test of the latency report: files, schema, and numbers consistent with each other and
+computed from what was timed (the raw per-chunk timings in the JSON). No test asserts a speed."""
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from asd_deploy.schedule import Schedule
@@ -13,7 +14,7 @@ from benchmarks.latency import main
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     main(["--config", "tiny", "--backends", "eager,trt", "--steps", "1", "--ffe", "--chunks", "3", "--repeats", "1",
-          "--long-chunks", "8", "--out", str(out)])
+          "--e2e-chunks", "3", "--long-chunks", "8", "--out", str(out)])
     return out, json.loads((out / "latency.json").read_text())
 
 
@@ -35,12 +36,10 @@ def test_rows_are_consistent(report):
     scheds = [r["schedule"] for r in eager["rows"]]
     assert "1-step" in scheds and "4-step" in scheds and any("FFE" in s for s in scheds)
     for r in eager["rows"]:
-        assert len(r["chunk_dit_s"]) == 3 and all(x > 0 for x in r["chunk_dit_s"] + r["chunk_vae_s"])
+        assert len(r["chunk_dit_s"]) == 3 and all(x > 0 for x in r["chunk_dit_s"])
         steady_frames = sum(r["chunk_frames"][1:])
         assert r["fps_dit_only"] == pytest.approx(steady_frames / sum(r["chunk_dit_s"][1:]))
-        assert r["fps_with_vae"] == pytest.approx(
-            steady_frames / (sum(r["chunk_dit_s"][1:]) + sum(r["chunk_vae_s"][1:])))
-        assert r["time_to_first_frame_s"] == pytest.approx(r["text_s"] + r["chunk_dit_s"][0] + r["chunk_vae_s"][0])
+        assert r["time_to_first_frame_dit_s"] == pytest.approx(r["text_s"] + r["chunk_dit_s"][0])
         # chunk c's time covers chunk c-1's clean pass and chunk c's own steps: the FLOPs count both
         sched = Schedule(steps=r["steps"], ffe=r["ffe"])
         assert r["chunk_step_calls"] == [sched.steps_for_chunk(c) + (c > 0) for c in range(3)]
@@ -80,10 +79,55 @@ def test_reports_are_written_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out
 
 
-def test_long_video_section(report):
-    _, res = report
-    lv = res["long"]
-    assert lv["chunks"] == 8 and len(lv["chunk_s"]) == 8 and lv["ratio_50_over_5"] > 0
+def test_end_to_end_rows_are_computed_from_their_timings(report):
+    """Per backend and decoder, three schedules; every summary figure from the per-chunk
+    readiness times, decode/DiT times and RSS readings the row carries."""
+    out, res = report
+    rows = res["e2e"]
+    assert {(r["backend"], r["decoder"], r["steps"], r["ffe"]) for r in rows} == \
+        {("eager", d, s, f) for d in ("vae", "tiny") for s, f in ((1, True), (1, False), (4, False))}
+    for r in rows:
+        s = r["summary"]
+        ready, frames = s["ready_s"], s["chunk_frames"]
+        assert len(ready) == 3 and all(b > a for a, b in zip(ready, ready[1:]))
+        assert frames == [9, 12, 12] and s["frames"] == 33
+        assert s["time_to_first_frame_s"] == ready[0] and s["time_to_first_frame_s"] > s["split_s"]["text"] > 0
+        assert s["interval_s"] == pytest.approx([b - a for a, b in zip(ready, ready[1:])])
+        assert s["fps_end_to_end"] == pytest.approx(24 / (ready[-1] - ready[0]))
+        assert s["chunk_p50_s"] == pytest.approx(np.percentile(s["interval_s"], 50))
+        assert s["jitter_s"] == pytest.approx(np.percentile(s["interval_s"], 99) - s["chunk_p50_s"])
+        assert s["split_s"]["dit"] == pytest.approx(sum(s["chunk_dit_s"]))
+        assert s["split_s"]["decode"] == pytest.approx(sum(s["chunk_decode_s"])) and s["split_s"]["decode"] > 0
+        assert s["split_pct_of_wall"]["dit"] == pytest.approx(100 * s["split_s"]["dit"] / s["video_wall_s"])
+        assert len(s["rss_mb"]) == 3 and min(s["rss_mb"]) > 0
+        assert r["decoder_impl"] == r["decoder"] and r["weights"] == "random weights"  # --config tiny: random VAE too
+    md = (out / "latency.md").read_text()
+    assert "## End to end" in md and "| eager | tiny (tiny, random weights) |" in md
+
+
+def test_goal_ratios_come_from_the_rows(report):
+    out, res = report
+    g = res["goals"]
+    rows = {(r["decoder"], r["steps"], r["ffe"]): r for r in res["e2e"]}
+    dit = {(r["steps"], r["ffe"]): r for r in res["backends"][0]["rows"]}
+    for d in ("vae", "tiny"):
+        deployed, e = rows[(d, 1, True)], g["e2e_over_dit_only"][f"eager / {d}"]
+        assert e["dit_only_fps"] == dit[(1, False)]["fps_dit_only"]
+        assert e["ratio"] == pytest.approx(deployed["summary"]["fps_end_to_end"] / e["dit_only_fps"])
+        assert e["goal"] == (0.5 if d == "vae" else 0.8)
+        t = g["ttff_over_steady_chunk"][f"eager / {d}"]
+        assert t["ratio"] == pytest.approx(deployed["summary"]["time_to_first_frame_s"] / deployed["summary"]["chunk_p50_s"])
+        for sched in ("1-step", "1-step + FFE (4 steps on chunk 0)"):
+            o = g["one_step_over_self_forcing"][f"eager / {d} / {sched}"]
+            one = rows[(d, 1, sched != "1-step")]["summary"]["video_wall_s"]
+            assert o["ratio"] == pytest.approx(rows[(d, 4, False)]["summary"]["video_wall_s"] / one)
+    lv, ls = res["long"], g["long_stream"]
+    assert lv["chunks"] == 8 and len(lv["chunk_s"]) == len(lv["rss_mb"]) == 8 and lv["ref_chunk"] == 4
+    assert ls["rss"]["ratio"] == pytest.approx(lv["rss_mb"][7] / lv["rss_mb"][4])
+    assert ls["chunk_time"]["ratio"] == pytest.approx(np.median(lv["chunk_s"][5:8]) / np.median(lv["chunk_s"][2:7]))
+    assert "chunk 7" in ls["note"] and lv["setting"] == "eager + tiny decoder, 1-step + FFE"
+    md = (out / "latency.md").read_text()
+    assert "## Issue 15's goals" in md and "RSS chunk 7 / chunk 4" in md and "end-to-end / DiT-only FPS" in md
 
 
 def test_step_ceiling_accounts_for_the_whole_step(tmp_path):

@@ -239,3 +239,55 @@ def test_c_abi_never_crashes_the_host(native, tmp_path):
                          schedule=_manifest_schedule(engine)))
     assert_close(torch.from_numpy(again).view(ref5.shape), ref5, 1e-4, "C ABI chunk 0 after asd_reset(seed 5)")
     lib.asd_destroy(h)
+
+
+def _python_frames(loaded, ctx, chunks, seed):
+    """The Python side's frames for the same prompt and seed: eager latents through diffusers'
+    streaming decode of the default VAE, as uint8."""
+    from asd_deploy.registry import ASSETS
+    from asd_deploy.vae import VideoVAE, to_uint8_frames
+
+    dec = VideoVAE.from_pretrained(ASSETS / "vae").stream_decoder()
+    lat = generate(EagerStep(loaded.model), ctx, num_chunks=chunks, seed=seed)
+    return np.concatenate([to_uint8_frames(dec.decode_chunk(c)) for c in lat])
+
+
+def test_cpp_writes_frames_and_mp4(native, tmp_path):
+    """--frames (uint8 .npy, streamed) equals the Python frames up to the uint8 rounding of a
+    <1e-4 float difference; --video pipes the same frames through ffmpeg into an mp4."""
+    import imageio_ffmpeg
+
+    _, _, loaded = native
+    ctx, prompt = _prompt(tmp_path, loaded.config)
+    r = _stream(native, "--prompt", prompt, "--chunks", 4, "--seed", 5, "--frames", tmp_path / "f.npy",
+                "--video", tmp_path / "v.mp4", "--ffmpeg", imageio_ffmpeg.get_ffmpeg_exe())
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "f.npy")
+    ref = _python_frames(loaded, ctx, 4, 5)
+    cfg = loaded.config
+    assert got.dtype == np.uint8 and got.shape == ref.shape == (cfg.pixel_frames_for(12), cfg.height, cfg.width, 3)
+    diff = np.abs(got.astype(int) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    video, fps = read_mp4(tmp_path / "v.mp4")
+    assert video.shape == got.shape and fps == 16
+    assert np.abs(video.astype(float) - got).mean() < 4  # H.264 at crf 18: lossy, close
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "prompt.npy", "v.mp4"]  # no temp files
+
+
+def test_cpp_frames_need_a_decoder_and_ffmpeg(native, tmp_path):
+    def drop_decoder(d):
+        m = json.loads((d / "manifest.json").read_text())
+        for g in ("decode_first", "decode_next"):
+            m["runtime"].pop(g)
+        (d / "manifest.json").write_text(json.dumps(m))
+    engine = _broken_engine(native, tmp_path, drop_decoder)
+    _, prompt = _prompt(tmp_path, native[2].config)
+    r = _stream(native, "--prompt", prompt, "--frames", tmp_path / "f.npy", engine=engine)
+    assert r.returncode == 1 and "no decoder graphs" in r.stderr and "export.build" in r.stderr
+    r = _stream(native, "--prompt", prompt, "--out", tmp_path / "lat.npy", engine=engine)
+    assert r.returncode == 0, r.stderr  # latents still work
+    r = _stream(native, "--prompt", prompt, "--video", tmp_path / "v.mp4", "--ffmpeg", tmp_path / "no-ffmpeg")
+    assert r.returncode == 2 and "needs ffmpeg" in r.stderr and "imageio_ffmpeg" in r.stderr
+    r = _stream(native, "--prompt", prompt)
+    assert r.returncode == 2 and "at least one output" in r.stderr
+    assert not (tmp_path / "f.npy").exists() and not (tmp_path / "v.mp4").exists()

@@ -2,7 +2,7 @@
 
 Owns: `package_model` and `python -m training.package`: the student's weights (the EMA
 generator of a Self-Forcing-format checkpoint by default) as `dit.safetensors`, the VAE folder,
-and `config.json` (model config, text encoder, fps, and where it came from: recipe, checkpoint
+the tiny decoder folder when given (`tiny_decoder/`, for `--decoder tiny`), and `config.json` (model config, text encoder, fps, and where it came from: recipe, checkpoint
 hash, reports), written into a temp folder and renamed into place, with the size checked against
 a budget. Does not own training (`train.py`, `vae.py`) or loading (`asd_deploy/pipeline.py`).
 
@@ -29,7 +29,7 @@ def folder_mb(path: Path) -> float:
 
 
 def package_model(checkpoint: Path, vae: Path, out: Path, prefer: str = "generator_ema",
-                  info: dict | None = None, budget_mb: float = DEFAULT_BUDGET_MB) -> Path:
+                  info: dict | None = None, budget_mb: float = DEFAULT_BUDGET_MB, tiny_decoder: Path | None = None) -> Path:
     checkpoint, vae, out = Path(checkpoint), Path(vae), Path(out)
     run_cfg = checkpoint.parent / "config.json"
     if not run_cfg.is_file():
@@ -51,6 +51,10 @@ def package_model(checkpoint: Path, vae: Path, out: Path, prefer: str = "generat
     def fill(tmp: Path):
         save_file(sd, str(tmp / "dit.safetensors"))
         shutil.copytree(vae, tmp / "vae")
+        if tiny_decoder is not None:
+            from asd_deploy.decoders.tiny import TinyDecoder
+            TinyDecoder.from_pretrained(tiny_decoder)  # loads, or says what is wrong
+            shutil.copytree(tiny_decoder, tmp / "tiny_decoder")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
@@ -71,10 +75,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="asd_deploy/assets/default", help="model folder to write")
     p.add_argument("--weights", default="generator_ema", choices=("generator_ema", "generator"))
     p.add_argument("--budget-mb", type=float, default=DEFAULT_BUDGET_MB)
+    p.add_argument("--tiny-decoder", default=None, help="a tiny decoder folder (python -m training.tiny_decoder)")
     a = p.parse_args(argv)
 
     def run():
-        out = package_model(a.checkpoint, a.vae, a.out, a.weights, budget_mb=a.budget_mb)
+        out = package_model(a.checkpoint, a.vae, a.out, a.weights, budget_mb=a.budget_mb,
+                            tiny_decoder=Path(a.tiny_decoder) if a.tiny_decoder else None)
         print(f"wrote {out} ({folder_mb(out):.2f} MB)")
         return 0
     return run_command(run)

@@ -2,7 +2,8 @@
  *
  * It loads an AOTInductor engine folder written by
  *     python -m export.build --backend aoti [--steps N] [--ffe]
- * (manifest.json + step.pt2 + cross_kv.pt2) and runs the autoregressive loop natively: the
+ * (manifest.json + step.pt2 + cross_kv.pt2 [+ decode_first.pt2, decode_next.pt2]) and runs the
+ * autoregressive loop natively, and the decoder to frames when the engine has it: the
  * manifest's denoising schedule (steps, First-Frame Enhancement), the static key/value cache with
  * its rolling window, seeded noise (the same numbers as the Python runtime's
  * torch.Generator(seed)), and the clean-cache pass after every chunk.
@@ -17,6 +18,7 @@
  *     asd_set_prompt_embedding_file(rt, "prompt.npy");      // from `python -m asd_deploy encode-prompt`
  *     int64_t n;  asd_chunk_numel(rt, &n);   float* buf = malloc(n * sizeof(float));
  *     for (int c = 0; c < 10; ++c) asd_next_chunk(rt, buf, n);   // clean latents [1, C, 3, h, w]
+ *     // frames: asd_frame_shape(rt, &H, &W, &T); asd_decode_chunk(rt, buf, n, rgb, T * H * W * 3, &t);
  *     asd_destroy(rt);
  */
 #ifndef ASD_RUNTIME_H
@@ -75,6 +77,18 @@ ASD_API asd_status asd_next_chunk(asd_runtime* rt, float* out, int64_t capacity)
 
 /* Chunks generated since the last prompt or reset. */
 ASD_API int64_t asd_chunks_done(const asd_runtime* rt);
+
+/* Frames, from the decoder graphs that `python -m export.build` exports beside the DiT (unless
+ * --decoder none): 1 when the engine has them. */
+ASD_API int32_t asd_has_decoder(const asd_runtime* rt);
+/* A frame's height and width, and the most frames one chunk decodes to (4 * frames_per_chunk). */
+ASD_API asd_status asd_frame_shape(const asd_runtime* rt, int64_t* height, int64_t* width, int64_t* max_frames);
+/* One chunk's latents (as asd_next_chunk wrote them, `numel` floats) -> uint8 RGB frames
+ * [T, H, W, 3], C order, into `frames` (capacity >= max_frames * H * W * 3 bytes); T goes to
+ * *num_frames: 1 + 4(Fc-1) for the first chunk after a prompt or reset, 4 Fc after. Decode the
+ * chunks in order: the decoder carries its causal cache from one chunk to the next. */
+ASD_API asd_status asd_decode_chunk(asd_runtime* rt, const float* latents, int64_t numel, uint8_t* frames,
+                                    int64_t capacity, int64_t* num_frames);
 
 /* The message of the last failed call on this thread ("" if none). Valid until the next call. */
 ASD_API const char* asd_last_error(void);

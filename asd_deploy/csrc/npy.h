@@ -1,4 +1,5 @@
-// NumPy `.npy` files of little-endian float32, C order: read and write (atomically).
+// NumPy `.npy` files of little-endian float32, C order: read and write (atomically); and uint8
+// frames written as they come (`StreamWriter`: the shape is known up front, the data appended).
 //
 // Owns: the format's header (versions 1.0-3.0 on read, 1.0 on write) and the temp-file-then-rename
 // write. Does not own any other dtype: a prompt embedding or latents file with another dtype is an
@@ -84,28 +85,74 @@ inline Array read_f32(const std::string& path) {
   return a;
 }
 
-// Writes `path` through `path.tmp.<pid>` and a rename, so a reader never sees half a file.
-inline void write_f32(const std::string& path, const float* data, const std::vector<int64_t>& shape) {
+namespace detail {
+// The 1.0 header for `descr` and `shape`, padded to a multiple of 64 bytes; numel through `numel`.
+inline std::string header(const std::string& descr, const std::vector<int64_t>& shape, int64_t* numel) {
   std::string dims;
-  int64_t numel = 1;
+  *numel = 1;
   for (size_t i = 0; i < shape.size(); ++i) {
     dims += (i ? ", " : "") + std::to_string(shape[i]);
-    numel *= shape[i];
+    *numel *= shape[i];
   }
   if (shape.size() == 1) dims += ",";  // a 1-tuple: "(n,)"
-  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims + "), }";
+  std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': (" + dims + "), }";
   size_t total = 10 + header.size() + 1;
   header.append((64 - total % 64) % 64, ' ');
   header += '\n';
+  uint16_t hlen = static_cast<uint16_t>(header.size());
+  return std::string("\x93NUMPY\x01\x00", 8) + static_cast<char>(hlen & 0xFF) + static_cast<char>(hlen >> 8) + header;
+}
+}  // namespace detail
+
+// An .npy of uint8 with a shape known up front, written as its data comes (constant memory):
+// to `path.tmp.<pid>`, renamed onto `path` by finish() once exactly shape's bytes were appended;
+// destroyed unfinished, it removes the temporary file.
+class StreamWriter {
+ public:
+  StreamWriter(const std::string& path, const std::vector<int64_t>& shape)
+      : path_(path), tmp_(path + ".tmp." + std::to_string(static_cast<long long>(::getpid()))) {
+    std::string head = detail::header("|u1", shape, &want_);
+    f_.open(tmp_, std::ios::binary | std::ios::trunc);
+    if (!f_ || !f_.write(head.data(), static_cast<std::streamsize>(head.size())))
+      throw std::runtime_error("cannot write " + tmp_);
+  }
+  ~StreamWriter() {
+    if (!done_) {
+      f_.close();
+      std::remove(tmp_.c_str());
+    }
+  }
+  void append(const uint8_t* data, int64_t bytes) {
+    if (written_ + bytes > want_) throw std::runtime_error(path_ + ": more data than its .npy shape holds");
+    if (!f_.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(bytes)))
+      throw std::runtime_error("could not write " + tmp_ + " (disk full?)");
+    written_ += bytes;
+  }
+  void finish() {
+    if (written_ != want_)
+      throw std::runtime_error(path_ + ": " + std::to_string(written_) + " of " + std::to_string(want_) +
+                               " bytes written; not renamed into place");
+    f_.close();
+    if (!f_ || std::rename(tmp_.c_str(), path_.c_str()) != 0) throw std::runtime_error("could not rename " + tmp_ + " to " + path_);
+    done_ = true;
+  }
+
+ private:
+  std::string path_, tmp_;
+  std::ofstream f_;
+  int64_t want_ = 0, written_ = 0;
+  bool done_ = false;
+};
+
+// Writes `path` through `path.tmp.<pid>` and a rename, so a reader never sees half a file.
+inline void write_f32(const std::string& path, const float* data, const std::vector<int64_t>& shape) {
+  int64_t numel = 0;
+  std::string head = detail::header("<f4", shape, &numel);
   std::string tmp = path + ".tmp." + std::to_string(static_cast<long long>(::getpid()));
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     if (!f) throw std::runtime_error("cannot write " + tmp);
-    f.write("\x93NUMPY\x01\x00", 8);
-    uint16_t hlen = static_cast<uint16_t>(header.size());
-    char b[2] = {static_cast<char>(hlen & 0xFF), static_cast<char>(hlen >> 8)};
-    f.write(b, 2);
-    f.write(header.data(), static_cast<std::streamsize>(header.size()));
+    f.write(head.data(), static_cast<std::streamsize>(head.size()));
     f.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(numel * sizeof(float)));
     if (!f.flush()) {
       std::remove(tmp.c_str());

@@ -4,8 +4,11 @@
 // (the same closed form as asd_deploy/schedule.py, checked against the timesteps the manifest
 // records), the static key/value cache with its ring over the non-sink slots (asd_deploy/cache.py),
 // the noise order of asd_deploy/generator.py (one torch CPU generator: the chunk's noise, then
-// one draw per re-noising), and the C ABI's error handling. Does not own the network: the two
-// .pt2 packages hold it, run through libtorch's AOTIModelPackageLoader.
+// one draw per re-noising), the decoder's causal cache between chunks (decode_first, then
+// decode_next with the cache tensors it returned: asd_deploy/decoders/engine.py) and the frames'
+// float -> uint8 conversion (asd_deploy.vae.to_uint8_frames), and the C ABI's error handling.
+// Does not own the networks: the .pt2 packages hold them, run through libtorch's
+// AOTIModelPackageLoader.
 #include "asd_runtime.h"
 
 #include <ATen/ATen.h>
@@ -86,6 +89,11 @@ struct Runtime {
   std::string dir, rebuild;
   at::ScalarType dtype = at::kFloat;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> step, cross;
+  // decoder (absent from engines built with --decoder none)
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> dec_first, dec_next;
+  std::vector<int64_t> dec_latents_shape;
+  int64_t frame_h = 0, frame_w = 0, max_frames = 0;
+  size_t dec_caches = 0;
   std::vector<int64_t> x_shape, t_shape, cache_shape, context_shape;
   int64_t fpc = 0, tokens_per_chunk = 0, cache_chunks = 0, sink_chunks = 0;
   // schedule
@@ -96,6 +104,8 @@ struct Runtime {
   asd_options options{};
   at::Generator gen;
   at::Tensor cross_k, cross_v, cache_k, cache_v, pending;  // pending: last chunk, not yet cached
+  std::vector<at::Tensor> dec_cache;                       // the decoder's causal cache
+  bool dec_started = false;
   int64_t chunks_written = 0, chunks_done = 0;
   bool has_prompt = false;
 
@@ -184,7 +194,10 @@ struct Runtime {
 
     const auto& rt = m.at("runtime");
     const auto& arts = m.at("artifacts");
-    for (const char* role : {"step", "cross_kv"}) {
+    const bool has_decoder = rt.has("decode_first") && rt.has("decode_next");
+    std::vector<std::string> roles{"step", "cross_kv"};
+    if (has_decoder) roles.insert(roles.end(), {"decode_first", "decode_next"});
+    for (const auto& role : roles) {
       const std::string name = rt.at(role).str();
       const std::string path = dir + "/" + name;
       int64_t size = file_size(path);
@@ -201,6 +214,56 @@ struct Runtime {
       std::string first = e.what();
       engine_error("its AOTInductor packages could not be loaded (" + first.substr(0, first.find('\n')) + ")");
     }
+    if (has_decoder) load_decoder(m.at("decoder"), rt);
+  }
+
+  // The decoder's static shapes (manifest "decoder" section, ordered I/O lists) and its packages.
+  void load_decoder(const json::Value& d, const json::Value& rt) {
+    const auto& first_out = d.at("shapes").at("decode_first").at("outputs");
+    const auto& next_in = d.at("shapes").at("decode_next").at("inputs");
+    const auto& next_out = d.at("shapes").at("decode_next").at("outputs");
+    dec_latents_shape = next_in.at(0).at("shape").ints();
+    auto video = next_out.at(0).at("shape").ints();  // [1, 3, 4 Fc, H, W]
+    if (dec_latents_shape != x_shape || video.size() != 5 || video[1] != 3 ||
+        first_out.array.size() != next_out.array.size() || next_in.array.size() != next_out.array.size())
+      engine_error("its decoder shapes disagree with its step's chunk shape");
+    dec_caches = next_in.array.size() - 1;
+    max_frames = video[2];
+    frame_h = video[3];
+    frame_w = video[4];
+    try {
+      dec_first = std::make_unique<torch::inductor::AOTIModelPackageLoader>(dir + "/" + rt.at("decode_first").str(), "model");
+      dec_next = std::make_unique<torch::inductor::AOTIModelPackageLoader>(dir + "/" + rt.at("decode_next").str(), "model");
+    } catch (const std::exception& e) {
+      std::string first = e.what();
+      engine_error("its decoder packages could not be loaded (" + first.substr(0, first.find('\n')) + ")");
+    }
+  }
+
+  // One chunk's latents [1, C, Fc, h, w] -> uint8 frames [T, H, W, 3] (T = 1 + 4(Fc-1) for the
+  // stream's first chunk, 4 Fc after), carrying the decoder's cache to the next call.
+  void require_decoder() const {
+    if (!dec_first)
+      throw Error(ASD_ERR_STATE, "engine " + dir + " has no decoder graphs (built with --decoder none?); rebuild it "
+                  "with them: " + (rebuild.empty() ? std::string("python -m export.build --backend aoti") : rebuild));
+  }
+
+  at::Tensor decode(const at::Tensor& latents) {
+    require_decoder();
+    c10::InferenceMode guard;
+    std::vector<at::Tensor> in{latents.to(at::kFloat).contiguous()};
+    // a package's inputs must be contiguous (its kernels assume the traced strides); the caches
+    // it returned are often views into a larger buffer (the last 2 frames of an activation)
+    if (dec_started)
+      for (const auto& c : dec_cache) in.push_back(c.contiguous());
+    auto out = (dec_started ? dec_next : dec_first)->run(in);
+    if (out.size() != 1 + dec_caches || out[0].dim() != 5 || out[0].size(1) != 3)
+      throw Error(ASD_ERR_RUNTIME, "the decoder returned outputs of unexpected count or shape");
+    dec_cache.assign(out.begin() + 1, out.end());
+    dec_started = true;
+    // as asd_deploy.vae.to_uint8_frames: [1, 3, T, H, W] in [-1, 1] -> [T, H, W, 3]
+    return ((out[0].to(at::kFloat).clamp(-1, 1) + 1) * 127.5).round().to(at::kByte).permute({0, 2, 3, 4, 1})[0]
+        .contiguous();
   }
 
   void set_prompt(const float* data, int64_t numel) {
@@ -226,6 +289,8 @@ struct Runtime {
     cache_v = at::zeros(cache_shape, at::TensorOptions().dtype(dtype));
     pending = at::Tensor();
     chunks_written = chunks_done = 0;
+    dec_cache.clear();
+    dec_started = false;
   }
 
   int steps_for_chunk(int64_t chunk) const { return (ffe && chunk == 0) ? ffe_steps : steps; }
@@ -412,6 +477,41 @@ asd_status asd_next_chunk(asd_runtime* rt, float* out, int64_t capacity) {
 }
 
 int64_t asd_chunks_done(const asd_runtime* rt) { return (rt && rt->impl) ? rt->impl->chunks_done : 0; }
+
+int32_t asd_has_decoder(const asd_runtime* rt) { return (rt && rt->impl && rt->impl->dec_first) ? 1 : 0; }
+
+asd_status asd_frame_shape(const asd_runtime* rt, int64_t* height, int64_t* width, int64_t* max_frames) {
+  return guarded([&] {
+    auto& r = get(rt);
+    if (height == nullptr || width == nullptr || max_frames == nullptr)
+      throw asd::Error(ASD_ERR_ARGUMENT, "null output pointer");
+    r.require_decoder();
+    *height = r.frame_h;
+    *width = r.frame_w;
+    *max_frames = r.max_frames;
+  });
+}
+
+asd_status asd_decode_chunk(asd_runtime* rt, const float* latents, int64_t numel, uint8_t* frames, int64_t capacity,
+                            int64_t* num_frames) {
+  return guarded([&] {
+    auto& r = get(rt);
+    r.require_decoder();
+    int64_t n = 1;
+    for (int64_t d : r.x_shape) n *= d;
+    if (latents == nullptr || numel != n)
+      throw asd::Error(ASD_ERR_ARGUMENT, "latents must be one chunk of " + std::to_string(n) + " floats (asd_chunk_shape); got " +
+                       (latents == nullptr ? std::string("a null pointer") : std::to_string(numel)));
+    const int64_t need = r.max_frames * r.frame_h * r.frame_w * 3;
+    if (frames == nullptr || num_frames == nullptr || capacity < need)
+      throw asd::Error(ASD_ERR_ARGUMENT, "frames must hold " + std::to_string(need) + " bytes (max_frames * height * "
+                       "width * 3 from asd_frame_shape) and num_frames must not be null");
+    at::Tensor lat = at::from_blob(const_cast<float*>(latents), r.x_shape, at::kFloat);
+    at::Tensor out = r.decode(lat);
+    std::memcpy(frames, out.data_ptr<uint8_t>(), static_cast<size_t>(out.numel()));
+    *num_frames = out.size(0);
+  });
+}
 
 const char* asd_last_error(void) { return asd::last_error.c_str(); }
 

@@ -1,0 +1,180 @@
+"""`python -m export.build --backend auto`: build every candidate engine, time them here, keep
+the fastest.
+
+Owns: the candidate list (`CANDIDATES`: ONNX Runtime at opset 18 and 23, AOTInductor frozen
+and not), `cpu_features` (what the CPU offers that decides between them: AVX2, AVX-512, VNNI,
+BF16, AMX ...), `time_candidates` (each engine's chunk step and decoder step timed round-robin,
+so drift hits all alike), `choose` (the fastest steady chunk: steps + clean pass + decode) and
+`build_auto`, which writes the winner as its own engine folder (`<config>-s1f4-auto-fp32-<weights>`) whose
+manifest is the winner's plus an `auto` section: every candidate's timing or failure, the
+choice, the CPU. The losers' folders are deleted. `generate --backend auto` loads it
+(`asd_deploy/backends/auto.py`). Does not own the builds themselves (`build.py`).
+
+Why: engine speed depends on the CPU (the README's table: on an AVX-512 EPYC the frozen
+AOTInductor engine is fastest; on an AVX2-only machine ONNX Runtime opset 23 was), so the
+choice is measured where the engine will run, as TensorRT picks tactics on its target.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+CANDIDATES = (
+    {"name": "ort-op18", "backend": "ort", "opset": 18},
+    {"name": "ort-op23", "backend": "ort", "opset": 23},
+    {"name": "aoti-frozen", "backend": "aoti", "inductor_configs": {"freezing": True}},
+    {"name": "aoti", "backend": "aoti", "inductor_configs": {"freezing": False}},
+)
+_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni",  # x86
+             "asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm")  # arm
+
+
+def cpu_features() -> dict:
+    """The CPU's model, core count, torch's vector ISA and the SIMD flags that matter here."""
+    from asd_deploy.backends.manifest import cpu_isa, host_info
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"model": host_info()["cpu"], "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_cpu_isa": cpu_isa(), "flags": sorted(f for f in _FEATURES if f in flags)}
+
+
+def _round_robin(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turns."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int = 7, warmup: int = 2) -> dict:
+    """{name: {"step_s", "decode_s" (None without decoder)}} for each built engine folder."""
+    from asd_deploy.backends import open_engine
+    from asd_deploy.backends.manifest import read_manifest
+    from asd_deploy.decoders.engine import EngineDecodeNet
+
+    from .spec import sample_step_inputs
+
+    fns = {}
+    for name, folder in folders.items():
+        m = read_manifest(folder)
+        step = open_engine(folder, m)
+        args = tuple(a.to(step.dtype) if a.is_floating_point() else a
+                     for a in sample_step_inputs(config, batch, seed=2))
+        fns[(name, "step_s")] = lambda step=step, args=args: step(*args)
+        if m.get("decoder"):
+            dec = EngineDecodeNet(folder, m)
+            h, w = dec.h, dec.w
+            lat = torch.randn(batch, dec.z_dim, dec.frames, h, w)
+            caches = tuple(torch.zeros(s) for s in dec.cache_shapes(batch, h, w))
+            fns[(name, "decode_s")] = lambda dec=dec, lat=lat, caches=caches: dec.next(lat, caches)
+    timed = _round_robin(fns, repeats, warmup)
+    return {name: {"step_s": timed[(name, "step_s")], "decode_s": timed.get((name, "decode_s"))} for name in folders}
+
+
+def chunk_seconds(timing: dict, steps: int) -> float:
+    """A steady chunk's cost: `steps` denoising calls + the clean pass, + its decode."""
+    return (steps + 1) * timing["step_s"] + (timing["decode_s"] or 0.0)
+
+
+def choose(results: list[dict], steps: int) -> dict:
+    """The fastest candidate that built and timed (by `chunk_seconds`); raises if none did."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        raise RuntimeError("no --backend auto candidate could be built here: "
+                           + "; ".join(f"{r['name']}: {r['error']}" for r in results))
+    return min(ok, key=lambda r: chunk_seconds(r, steps))
+
+
+def build_auto(*, config=None, checkpoint="default", precision="fp32", steps=1, ffe=True, ffe_steps=4, batch=1,
+               out=None, force=False, log=None, decoder="vae", vae=None, tiny_decoder=None,
+               candidates=CANDIDATES, timer=time_candidates) -> Path:
+    """Build each of `candidates` (skipping those that cannot build here, with the reason), time
+    them with `timer`, keep the fastest as `<out>/<config>-s<steps>[f4]-auto-<precision>-<weights>`
+    (`out`: the user's engine cache by default)."""
+    import sys
+
+    from asd_deploy.backends.manifest import (MANIFEST_NAME, EngineError, engine_cache_dir, engine_dir_name,
+                                              read_manifest, stage_key, write_manifest)
+    from asd_deploy.backends.auto import auto_build_command
+    from asd_deploy.checkpoint import atomic_dir
+    from asd_deploy.registry import load_dit
+
+    from .build import _tool_versions, build
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    loaded = load_dit(checkpoint, config)
+    cfg = loaded.config
+    out = Path(out) if out is not None else engine_cache_dir()
+    final = out / engine_dir_name(cfg.name, steps, ffe, ffe_steps, "auto", precision, None, batch, loaded.weights_hash)
+    cpu = cpu_features()
+    key = stage_key(config=cfg.to_dict(), weights=loaded.weights_hash, precision=precision, steps=steps, ffe=ffe,
+                    ffe_steps=ffe_steps, batch=batch, decoder=decoder, vae=vae, tiny=tiny_decoder,
+                    candidates=list(candidates), cpu=cpu, tools=_tool_versions("ort"))
+    if not force and (final / MANIFEST_NAME).is_file():
+        try:
+            if read_manifest(final).get("auto", {}).get("key") == key:
+                log(f"auto engine {final} is up to date (use --force to re-time the candidates)")
+                return final
+        except EngineError:
+            pass
+    work = out / f".{final.name}.candidates"
+    results, folders = [], {}
+    for c in candidates:
+        entry = {k: v for k, v in c.items()}
+        log(f"[auto] candidate {c['name']} ...")
+        try:
+            folders[c["name"]] = build(config=config, checkpoint=checkpoint, backend=c["backend"], precision=precision,
+                                       steps=steps, ffe=ffe, ffe_steps=ffe_steps, opset=c.get("opset"), batch=batch,
+                                       out=out, force=force, log=lambda m: log("    " + m), decoder=decoder, vae=vae,
+                                       tiny_decoder=tiny_decoder, inductor_configs=c.get("inductor_configs"),
+                                       engine=work / c["name"])
+        except (ValueError, RuntimeError, NotImplementedError, ImportError) as e:  # EngineError is a RuntimeError
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log(f"[auto] {c['name']}: not a candidate here ({entry['error']})")
+        results.append(entry)
+    log(f"[auto] timing {len(folders)} candidates side by side ...")
+    timings = timer(folders, cfg, batch) if folders else {}
+    for r in results:
+        if r["name"] in timings:
+            r.update(timings[r["name"]])
+            r["chunk_s"] = chunk_seconds(r, steps)
+            dec = "-" if r["decode_s"] is None else f"{1e3 * r['decode_s']:.2f} ms"
+            log(f"[auto] {r['name']}: step {1e3 * r['step_s']:.2f} ms, decode {dec}, chunk {1e3 * r['chunk_s']:.2f} ms")
+    best = choose(results, steps)
+    manifest = read_manifest(folders[best["name"]])
+    manifest["name"] = final.name
+    manifest["rebuild"] = auto_build_command(cfg.name, checkpoint, batch, out) + " --force"
+    manifest["auto"] = {"chosen": best["name"], "key": key, "criterion": f"{steps} step(s) + clean pass + decode "
+                        f"per steady chunk, median of round-robin timings", "candidates": results, "cpu": cpu}
+    src = folders[best["name"]]
+
+    def fill(tmp: Path):
+        for p in src.iterdir():
+            if p.name != MANIFEST_NAME and p.is_file():
+                shutil.copy2(p, tmp / p.name)
+        write_manifest(tmp, manifest)
+    atomic_dir(final, fill)
+    shutil.rmtree(work, ignore_errors=True)  # the losers (and the winner's working copy)
+    per_chunk = {r["name"]: round(1e3 * r["chunk_s"], 2) for r in results if "chunk_s" in r}
+    log(f"[auto] kept {best['name']} as {final} (ms per chunk: {json.dumps(per_chunk)})")
+    return final

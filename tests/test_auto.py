@@ -1,0 +1,101 @@
+"""`--backend auto`: candidates built, timed side by side, the fastest kept with every
+candidate's record and the CPU's features; `generate --backend auto` runs it. The timings are
+injected (selection logic and manifest contents are under test, not this machine's speed)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from asd_deploy.backends.auto import find_auto_engine, make_auto
+from asd_deploy.backends.manifest import EngineError, read_manifest
+from asd_deploy.registry import load_dit
+from export.auto import CANDIDATES, build_auto, choose, cpu_features, time_candidates
+
+CANDS = [c for c in CANDIDATES if c["backend"] == "ort"] + [{"name": "broken", "backend": "aoti", "opset": 18}]
+# ort-op23 has the faster step but the slower decoder: at 1 step a chunk is 2 step calls + 1 decode
+FAKE = {"ort-op18": {"step_s": 0.002, "decode_s": 0.005}, "ort-op23": {"step_s": 0.001, "decode_s": 0.009}}
+
+
+@pytest.fixture(scope="module")
+def auto_engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto")
+    seen = {}
+
+    def timer(folders, config, batch):
+        seen.update(folders)
+        assert all((f / "manifest.json").is_file() for f in folders.values())  # built before timing
+        return {k: FAKE[k] for k in folders}
+    folder = build_auto(out=out, candidates=CANDS, timer=timer, log=lambda m: None)
+    return folder, out, seen
+
+
+def test_fastest_whole_chunk_is_kept(auto_engine):
+    folder, out, seen = auto_engine
+    assert folder.name.startswith("tiny-s1f4-auto-fp32-") and set(seen) == {"ort-op18", "ort-op23"}
+    m = read_manifest(folder)
+    a = m["auto"]
+    assert a["chosen"] == "ort-op18" and m["backend"] == "ort" and m["opset"] == 18
+    rec = {c["name"]: c for c in a["candidates"]}
+    assert set(rec) == {"ort-op18", "ort-op23", "broken"}
+    assert rec["ort-op18"]["chunk_s"] == pytest.approx(2 * 0.002 + 0.005)
+    assert rec["ort-op23"]["chunk_s"] == pytest.approx(2 * 0.001 + 0.009)
+    assert "opset" in rec["broken"]["error"] and "step_s" not in rec["broken"]
+    assert a["cpu"] == cpu_features() and a["cpu"]["model"] and isinstance(a["cpu"]["flags"], list)
+    assert m["decoder"]["kind"] == "vae" and "decode_next" in m["runtime"]
+    assert "--backend auto" in m["rebuild"]
+    assert [p.name for p in out.iterdir()] == [folder.name]  # the losers are gone
+
+
+def test_rerun_is_up_to_date(auto_engine):
+    folder, out, _ = auto_engine
+    logs = []
+
+    def timer(*a):
+        raise AssertionError("an up-to-date auto engine is not re-timed")
+    assert build_auto(out=out, candidates=CANDS, timer=timer, log=logs.append) == folder
+    assert any("up to date" in line for line in logs)
+
+
+def test_generate_with_auto_runs_the_chosen_engine(auto_engine):
+    from asd_deploy.pipeline import Pipeline
+
+    folder, out, _ = auto_engine
+    loaded = load_dit("default")
+    assert find_auto_engine(loaded.config, loaded.weights_hash, engines_dir=out) == folder
+    step = make_auto(loaded, engines_dir=out)
+    assert step.name == "auto (ort-op18)" and step.engine_dir == folder
+    pipe = Pipeline.from_pretrained("default", backend="auto", engine=str(folder))
+    assert pipe.info["backend"] == "auto (ort-op18)" and pipe.info["decoder"] == "vae (ort engine)"
+    video, _ = pipe("a red circle moving right", frames=9)
+    assert video.shape == (9, 32, 48, 3)
+
+
+def test_real_timer_times_every_graph(auto_engine):
+    folder, _, _ = auto_engine
+    t = time_candidates({"x": folder}, load_dit("default").config, 1, repeats=1, warmup=0)
+    assert t["x"]["step_s"] > 0 and t["x"]["decode_s"] > 0
+
+
+def test_choose_and_errors(tmp_path):
+    assert choose([{"name": "a", "step_s": 1.0, "decode_s": None}, {"name": "b", "error": "x"}], 1)["name"] == "a"
+    with pytest.raises(RuntimeError, match="no --backend auto candidate"):
+        choose([{"name": "b", "error": "no onnxruntime"}], 1)
+    loaded = load_dit("default")
+    with pytest.raises(EngineError, match="export.build --backend auto"):
+        find_auto_engine(loaded.config, loaded.weights_hash, engines_dir=tmp_path)
+    r = subprocess.run([sys.executable, "-m", "asd_deploy", "generate", "--backend", "auto", "--frames", "9",
+                        "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "ASD_DEPLOY_ENGINES": str(tmp_path)})
+    assert r.returncode == 2 and "export.build --backend auto" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_auto_refuses_a_plain_engine(auto_engine, tmp_path):
+    folder, _, _ = auto_engine
+    import shutil
+    plain = shutil.copytree(folder, tmp_path / "plain")
+    m = json.loads((plain / "manifest.json").read_text())
+    del m["auto"]
+    (plain / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="not chosen by --backend auto"):
+        make_auto(load_dit("default"), engine=plain)

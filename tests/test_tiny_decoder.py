@@ -1,0 +1,76 @@
+"""The tiny-decoder recipe at toy size: it trains on the tiny random VAE, learns, saves a folder
+the pipeline loads, reports speed / PSNR / ToyBench against the full decoder from what it
+measured, and resumes bit for bit after an interruption."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from asd_deploy.decoders.tiny import TinyDecoder
+from asd_deploy.vae import VideoVAE
+from training.tiny_decoder import pool_psnr, train_tiny_decoder
+
+KW = dict(model="tiny", arch="tiny", clips=4, clip_frames=9, batch=2, eval_clips=2, lr=3e-3, log=None,
+          speed_repeats=1)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vae") / "vae"
+    VideoVAE.tiny(seed=0).save(d)
+    return d
+
+
+def test_trains_loads_and_reports(vae_dir, tmp_path):
+    out = tmp_path / "td"
+    r = train_tiny_decoder(out, vae_dir, steps=60, generated=2, dit="default", toybench_prompts=1, **KW)
+    assert r["history"][-1]["loss"] < 0.8 * r["history"][0]["loss"], r["history"]
+    net = TinyDecoder.from_pretrained(out)
+    assert json.loads((out / "train_report.json").read_text())["steps"] == 60
+    sp = r["speed"]
+    assert sp["full_decoder_chunk_s"] > 0 and sp["speedup"] == pytest.approx(sp["full_decoder_chunk_s"] / sp["tiny_decoder_chunk_s"])
+    pool = torch.load(str(out) + ".pool.pt", weights_only=True)
+    assert len(pool["train_lat"]) == 4 + 2 and len(pool["gen_lat"]) == 1  # clips + generated; generated held out
+    assert r["psnr_db"]["heldout_vs_full_decoder"] == pytest.approx(pool_psnr(net, pool["held_lat"], pool["held_px"]), abs=0.01)
+    assert "generated_vs_full_decoder" in r["psnr_db"]
+    tb = r["toybench"]
+    assert tb["overall_diff"] == pytest.approx(tb["tiny"]["overall"] - tb["vae"]["overall"])
+    assert not (tmp_path / "td.state.pt").exists()
+    from asd_deploy.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained("default", vae=str(vae_dir), decoder="tiny", tiny_decoder=str(out))
+    assert pipe.info["decoder"] == "tiny" and pipe("a red circle moving right", frames=9)[0].shape == (9, 32, 48, 3)
+
+
+def test_resume_is_bit_for_bit(vae_dir, tmp_path, monkeypatch):
+    ref = train_tiny_decoder(tmp_path / "a", vae_dir, steps=6, save_every=0, **KW)
+    real, calls = torch.nn.utils.clip_grad_norm_, [0]
+
+    def crash(*a, **k):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny_decoder(tmp_path / "b", vae_dir, steps=6, save_every=3, **KW)
+    assert (tmp_path / "b.state.pt").is_file() and not (tmp_path / "b").exists()
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
+    got = train_tiny_decoder(tmp_path / "b", vae_dir, steps=6, save_every=3, resume=True, **KW)
+    a, b = TinyDecoder.from_pretrained(tmp_path / "a"), TinyDecoder.from_pretrained(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert got["history"] == ref["history"]
+
+
+def test_cli_errors(vae_dir, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "training.tiny_decoder", "--vae", str(vae_dir), "--out",
+                               str(tmp_path / "x"), *args], capture_output=True, text=True, timeout=120)
+    for args, needle in [(["--arch", "huge"], "valid:"), (["--clip-frames", "8"], "1 + 4k"),
+                         (["--generated", "2"], "--generated needs --dit")]:
+        r = run(*args)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "training.tiny_decoder", "--vae", str(tmp_path / "none"), "--out",
+                        str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "does not exist" in r.stderr
