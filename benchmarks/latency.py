@@ -166,7 +166,7 @@ def bench_backend(name, loaded, context, args, flops, peak):
 E2E_SCHEDULES = (Schedule(steps=1, ffe=True), Schedule(steps=1), Schedule(steps=4))  # deployed; ASD 1; Self-Forcing
 
 
-def decoders_for(args, loaded, vae):
+def decoders_for(args):
     """{name: (kind, tiny source or None, label)} of the decoders to time end to end."""
     from asd_deploy.decoders.tiny import TINY_DECODER_ARCHS, TinyDecoder
     from asd_deploy.registry import ASSETS
@@ -360,7 +360,7 @@ def main(argv=None):
     cfg = loaded.config
     vae_dir = args.vae or (ASSETS / "vae" if args.config == "default" and default_is_trained() else None)
     vae = VideoVAE.from_pretrained(vae_dir) if vae_dir else VideoVAE.tiny(seed=0, z_dim=cfg.in_channels)
-    decoders = decoders_for(args, loaded, vae)
+    decoders = decoders_for(args)
     enc = DefaultTextEncoder(text_len=cfg.text_len)
     t0 = time.perf_counter()
     context = enc.encode("a red circle moving right on a white background")

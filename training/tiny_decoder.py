@@ -1,7 +1,7 @@
 """`python -m training.tiny_decoder`: distil a tiny causal decoder from a VAE's decoder.
 
     python -m training.tiny_decoder --vae VAE_FOLDER --model demo --out out/tiny_decoder
-        [--arch demo] [--data procedural|VIDEO_FOLDER] [--clips 512] [--clip-frames 21]
+        [--arch demo] [--data procedural|VIDEO_FOLDER] [--clips 512] [--clip-frames 13]
         [--generated 0 --dit default] [--steps 3000] [--batch 8] [--lr 2e-3] [--amp bf16]
         [--save-every 250] [--resume] [--eval-clips 16] [--toybench-prompts 8]
 
@@ -147,7 +147,7 @@ def toybench_compare(dit: str, vae: VideoVAE, tiny: TinyDecoder, prompts: int, f
 
 
 def train_tiny_decoder(out: Path, vae: str | Path, model: str = "demo", arch: str = "demo", data: str = "procedural",
-                       clips: int = 512, clip_frames: int = 21, latent_noise: float = 0.2, generated: int = 0,
+                       clips: int = 512, clip_frames: int = 13, latent_noise: float = 0.2, generated: int = 0,
                        dit: str | None = None, steps: int = 3000, batch: int = 8, lr: float = 2e-3,
                        amp: str | None = None, seed: int = 0, save_every: int = 250, resume: bool = False,
                        eval_clips: int = 16, toybench_prompts: int = 8, speed_repeats: int = 5, log=print) -> dict:
@@ -282,7 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="demo", help=f"architecture: {sorted(TINY_DECODER_ARCHS)}")
     p.add_argument("--data", default="procedural", help="'procedural' or a folder of NAME.mp4 + NAME.txt")
     p.add_argument("--clips", type=int, default=512, help="training clips in the teacher pool")
-    p.add_argument("--clip-frames", type=int, default=21, help="pixel frames per clip (1 + 4k)")
+    p.add_argument("--clip-frames", type=int, default=13,
+                   help="pixel frames per clip (1 + 4k); the decode is exactly causal, so short clips train streaming")
     p.add_argument("--latent-noise", type=float, default=0.2, help="noise std on every other clip's latents")
     p.add_argument("--generated", type=int, default=0, help="DiT-generated latent clips added to the pool")
     p.add_argument("--dit", default=None, help="'default' or a model folder: generated latents and ToyBench")

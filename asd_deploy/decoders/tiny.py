@@ -12,6 +12,9 @@ pixel one, and carries time in two cheap ways:
     input to the block (one cached frame per block: the causal cache);
   - temporal growth: a 1x1 conv to k x channels, read as k consecutive frames (k = 2, twice:
     stride 4 in time), so each latent frame yields 4 pixel frames with no look-ahead.
+A linear colour base (a 1x1 conv of the latents, upsampled bilinearly, held over the latent
+frame's 4 pixel frames) is added to the output (`latent_skip`): the network learns the residual
+(seen here: a faster start than without it).
 A video's first latent frame decodes to 4 frames like any other; the last of them is pixel
 frame 0 (Wan's 1 + 4k layout) and the other 3 are dropped.
 
@@ -42,6 +45,8 @@ class TinyDecoderConfig:
     memory_blocks: tuple[int, ...] = (2, 1, 1, 0)
     # which spatial upsamplings also double time (two Trues: temporal stride 4)
     temporal_up: tuple[bool, ...] = (True, True, False)
+    # a linear colour base from the latents added to the output (the network learns the residual)
+    latent_skip: bool = True
     name: str = dataclasses.field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -134,6 +139,7 @@ class TinyDecoder(nn.Module):
             level.blocks = nn.ModuleList(MemoryBlock(c[i]) for _ in range(n))
             self.levels.append(level)
         self.conv_out = _conv(c[-1], 3)
+        self.skip = nn.Conv2d(config.z_dim, 3, 1) if config.latent_skip else None
 
     # ---- DecodeNet ------------------------------------------------------------------------------
     @property
@@ -179,7 +185,12 @@ class TinyDecoder(nn.Module):
                 x, c = block(x, caches[len(new)])
                 new.append(c)
         t = x.shape[1]
-        out = self.conv_out(x.flatten(0, 1)).unflatten(0, (b, t))
+        out = self.conv_out(x.flatten(0, 1)).unflatten(0, (b, t))  # [B, T, 3, H, W], T = 4f
+        if self.skip is not None:
+            z = latents.to(self.dtype).transpose(1, 2).flatten(0, 1)  # [B*f, C, h, w]
+            base = F.interpolate(self.skip(z), scale_factor=float(self.spatial_stride), mode="bilinear",
+                                 align_corners=False).unflatten(0, (b, f))
+            out = out + base.repeat_interleave(t // f, dim=1)
         return out.transpose(1, 2), tuple(new)
 
     @torch.no_grad()
