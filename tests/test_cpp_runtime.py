@@ -241,14 +241,14 @@ def test_c_abi_never_crashes_the_host(native, tmp_path):
     lib.asd_destroy(h)
 
 
-def _python_frames(loaded, ctx, chunks, seed):
-    """The Python side's frames for the same prompt and seed: eager latents through diffusers'
-    streaming decode of the default VAE, as uint8."""
+def _python_frames(loaded, ctx, chunks, seed, schedule):
+    """The Python side's frames for the same prompt, seed and schedule: eager latents through
+    diffusers' streaming decode of the default VAE, as uint8."""
     from asd_deploy.registry import ASSETS
     from asd_deploy.vae import VideoVAE, to_uint8_frames
 
     dec = VideoVAE.from_pretrained(ASSETS / "vae").stream_decoder()
-    lat = generate(EagerStep(loaded.model), ctx, num_chunks=chunks, seed=seed)
+    lat = generate(EagerStep(loaded.model), ctx, num_chunks=chunks, schedule=schedule, seed=seed)
     return np.concatenate([to_uint8_frames(dec.decode_chunk(c)) for c in lat])
 
 
@@ -263,7 +263,7 @@ def test_cpp_writes_frames_and_mp4(native, tmp_path):
                 "--video", tmp_path / "v.mp4", "--ffmpeg", imageio_ffmpeg.get_ffmpeg_exe())
     assert r.returncode == 0, r.stderr
     got = np.load(tmp_path / "f.npy")
-    ref = _python_frames(loaded, ctx, 4, 5)
+    ref = _python_frames(loaded, ctx, 4, 5, _manifest_schedule(native[1]))
     cfg = loaded.config
     assert got.dtype == np.uint8 and got.shape == ref.shape == (cfg.pixel_frames_for(12), cfg.height, cfg.width, 3)
     diff = np.abs(got.astype(int) - ref)
