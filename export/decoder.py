@@ -36,7 +36,7 @@ def resolve_decoder(kind: str, checkpoint: str, config, vae: str | None = None, 
         tiny = str(ASSETS / "tiny_decoder")
     if tiny is None or not Path(tiny).is_dir():
         raise FileNotFoundError(f"--decoder tiny: no tiny decoder at {tiny} (give --tiny-decoder FOLDER); train one "
-                                f"with: python -m training.tiny_decoder --vae VAE_FOLDER --model CONFIG --out FOLDER")
+                                f"with: python -m training.tiny_decoder --vae VAE_FOLDER --out FOLDER [--model MODEL]")
     return make_decoder("tiny", tiny=tiny), str(tiny)
 
 

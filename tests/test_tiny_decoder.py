@@ -12,7 +12,7 @@ from asd_deploy.decoders.tiny import TinyDecoder
 from asd_deploy.vae import VideoVAE
 from training.tiny_decoder import pool_psnr, train_tiny_decoder
 
-KW = dict(model="tiny", arch="tiny", clips=4, clip_frames=9, batch=2, eval_clips=2, lr=3e-3, log=None,
+KW = dict(config="tiny", arch="tiny", clips=4, clip_frames=9, batch=2, eval_clips=2, lr=3e-3, log=None,
           speed_repeats=1)
 
 
@@ -25,7 +25,7 @@ def vae_dir(tmp_path_factory):
 
 def test_trains_loads_and_reports(vae_dir, tmp_path):
     out = tmp_path / "td"
-    r = train_tiny_decoder(out, vae_dir, steps=60, generated=2, dit="default", toybench_prompts=1, **KW)
+    r = train_tiny_decoder(out, vae_dir, steps=60, generated=2, model="default", toybench_prompts=1, **KW)
     assert r["history"][-1]["loss"] < 0.8 * r["history"][0]["loss"], r["history"]
     net = TinyDecoder.from_pretrained(out)
     assert json.loads((out / "train_report.json").read_text())["steps"] == 60
@@ -44,7 +44,7 @@ def test_trains_loads_and_reports(vae_dir, tmp_path):
 
 
 def test_resume_is_bit_for_bit(vae_dir, tmp_path, monkeypatch):
-    ref = train_tiny_decoder(tmp_path / "a", vae_dir, steps=6, save_every=0, **KW)
+    ref = train_tiny_decoder(tmp_path / "a", vae_dir, model=None, steps=6, save_every=0, **KW)
     real, calls = torch.nn.utils.clip_grad_norm_, [0]
 
     def crash(*a, **k):
@@ -54,10 +54,10 @@ def test_resume_is_bit_for_bit(vae_dir, tmp_path, monkeypatch):
         return real(*a, **k)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash)
     with pytest.raises(KeyboardInterrupt):
-        train_tiny_decoder(tmp_path / "b", vae_dir, steps=6, save_every=3, **KW)
+        train_tiny_decoder(tmp_path / "b", vae_dir, model=None, steps=6, save_every=3, **KW)
     assert (tmp_path / "b.state.pt").is_file() and not (tmp_path / "b").exists()
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
-    got = train_tiny_decoder(tmp_path / "b", vae_dir, steps=6, save_every=3, resume=True, **KW)
+    got = train_tiny_decoder(tmp_path / "b", vae_dir, model=None, steps=6, save_every=3, resume=True, **KW)
     a, b = TinyDecoder.from_pretrained(tmp_path / "a"), TinyDecoder.from_pretrained(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert got["history"] == ref["history"]
@@ -68,7 +68,8 @@ def test_cli_errors(vae_dir, tmp_path):
         return subprocess.run([sys.executable, "-m", "training.tiny_decoder", "--vae", str(vae_dir), "--out",
                                str(tmp_path / "x"), *args], capture_output=True, text=True, timeout=120)
     for args, needle in [(["--arch", "huge"], "valid:"), (["--clip-frames", "8"], "1 + 4k"),
-                         (["--generated", "2"], "--generated needs --dit")]:
+                         (["--model", "demo"], "give --config demo"), (["--steps", "9"], "--max-steps 9"),
+                         (["--model", "none"], "give --config")]:
         r = run(*args)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     r = subprocess.run([sys.executable, "-m", "training.tiny_decoder", "--vae", str(tmp_path / "none"), "--out",

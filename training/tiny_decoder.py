@@ -1,15 +1,16 @@
 """`python -m training.tiny_decoder`: distil a tiny causal decoder from a VAE's decoder.
 
-    python -m training.tiny_decoder --vae VAE_FOLDER --model demo --out out/tiny_decoder
-        [--arch demo] [--data procedural|VIDEO_FOLDER] [--clips 512] [--clip-frames 13]
-        [--generated 0 --dit default] [--steps 3000] [--batch 8] [--lr 2e-3] [--amp bf16]
-        [--save-every 250] [--resume] [--eval-clips 16] [--toybench-prompts 8]
+    python -m training.tiny_decoder --vae VAE_FOLDER --out out/tiny_decoder
+        [--model default|MODEL_FOLDER|none] [--config demo] [--arch demo] [--data procedural|VIDEO_FOLDER]
+        [--clips 512] [--clip-frames 13] [--generated 64] [--max-steps 3000] [--batch 8] [--lr 2e-3]
+        [--amp bf16] [--save-every 250] [--resume] [--eval-clips 16] [--toybench-prompts 8] [--quiet]
 
 Owns: the recipe (`train_tiny_decoder`): a pool of latents and the full VAE decoder's frames for
 them (the teacher), computed once and cached beside the output (`<out>.pool.pt`); training the
 tiny decoder (`asd_deploy.decoders.tiny`) on whole clips (its decode is causal and exact in any
 chunk split, so a clip trains the streaming decode); and the report written into the output
-folder (`train_report.json`): speed against the full decoder at the model's geometry, PSNR
+folder (`train_report.json`): speed against the full decoder at the model's geometry (`--config`,
+by default the `--model`'s), PSNR
 against the full decoder's frames (held out, and on DiT-generated latents when a DiT is given),
 and ToyBench with each decoder on the same generated latents. Does not own the network, the
 data (`data.py`) or ToyBench's scoring (`toybench.py`).
@@ -17,7 +18,8 @@ data (`data.py`) or ToyBench's scoring (`toybench.py`).
 Latents: the VAE encoder's (posterior mode, normalized) on procedural videos or the user's
 `NAME.mp4 + NAME.txt` folder, half of them perturbed by Gaussian noise (`--latent-noise`: a DiT's
 latents are near, not on, the encoder's), plus `--generated` latents sampled from the DiT
-(`--dit`: "default" or a model folder) on procedural captions. The teacher decodes each exactly.
+(`--model`: "default" or a model folder; "none" for neither these nor ToyBench) on procedural
+captions. The teacher decodes each exactly.
 Targets are the teacher's frames: the tiny decoder learns the VAE decoder, not the videos.
 
 Goals it is designed for (default model, 64x96): >= 10x faster than the full decoder, PSNR
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asd_deploy.config import ModelConfig
+from asd_deploy.config import PRESETS, ModelConfig
 from asd_deploy.decoders.tiny import TINY_DECODER_ARCHS, TinyDecoder
 from asd_deploy.decoders.vae import VaeDecodeNet
 from asd_deploy.vae import VideoVAE
@@ -62,6 +64,23 @@ def load_clips(data: str, num: int, frames: int, cfg: ModelConfig, seed: int) ->
 
 
 @torch.no_grad()
+def model_config(model: str | None, config: str | None) -> ModelConfig:
+    """The geometry to train at: the preset `config`, else the DiT `model`'s config."""
+    if config is not None:
+        return ModelConfig.preset(config)
+    if model is None:
+        raise ValueError("give --config (the geometry to train at) when there is no --model")
+    if model == "default":
+        from asd_deploy.registry import default_config
+        return default_config()
+    root = Path(model)
+    if not (root / "config.json").is_file():
+        hint = (f" ({model!r} is a config preset: give --config {model}; --model names the DiT)"
+                if model in PRESETS else "")
+        raise FileNotFoundError(f"--model {model}: not 'default', 'none' or a model folder with config.json{hint}")
+    return ModelConfig.from_dict(json.loads((root / "config.json").read_text())["model"])
+
+
 def generated_latents(dit: str, num: int, frames: int, cfg: ModelConfig, seed: int) -> torch.Tensor:
     """[num, C, F, h, w] latents the DiT samples for procedural captions (1 step + FFE)."""
     from asd_deploy.pipeline import Pipeline
@@ -70,8 +89,8 @@ def generated_latents(dit: str, num: int, frames: int, cfg: ModelConfig, seed: i
 
     pipe = Pipeline.from_pretrained(dit)
     if (pipe.config.height, pipe.config.width) != (cfg.height, cfg.width):
-        raise ValueError(f"--dit {dit} generates {pipe.config.width}x{pipe.config.height}; --model {cfg.name} is "
-                         f"{cfg.width}x{cfg.height}")
+        raise ValueError(f"--model {dit} generates {pipe.config.width}x{pipe.config.height}; --config {cfg.name} "
+                         f"is {cfg.width}x{cfg.height}")
     caps = ProceduralVideos(num, seed, cfg.height, cfg.width, 1, max_objects=2)
     lat = []
     for i in range(num):
@@ -146,13 +165,15 @@ def toybench_compare(dit: str, vae: VideoVAE, tiny: TinyDecoder, prompts: int, f
             "overall_diff": scores["tiny"]["overall"] - scores["vae"]["overall"]}
 
 
-def train_tiny_decoder(out: Path, vae: str | Path, model: str = "demo", arch: str = "demo", data: str = "procedural",
-                       clips: int = 512, clip_frames: int = 13, latent_noise: float = 0.2, generated: int = 0,
-                       dit: str | None = None, steps: int = 3000, batch: int = 8, lr: float = 2e-3,
+def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default", config: str | None = None,
+                       arch: str = "demo", data: str = "procedural",
+                       clips: int = 512, clip_frames: int = 13, latent_noise: float = 0.2, generated: int = 64,
+                       steps: int = 3000, batch: int = 8, lr: float = 2e-3,
                        amp: str | None = None, seed: int = 0, save_every: int = 250, resume: bool = False,
                        eval_clips: int = 16, toybench_prompts: int = 8, speed_repeats: int = 5, log=print) -> dict:
-    """Distil, evaluate, save (atomically) and return the report. `dit`: a DiT for generated
-    latents and ToyBench ("default" or a model folder; None: neither)."""
+    """Distil, evaluate, save (atomically) and return the report. `model`: the DiT for generated
+    latents and ToyBench ("default" or a model folder; None: neither); `config`: the geometry
+    (default: the model's); `steps`: training steps."""
     from tqdm import tqdm
 
     from asd_deploy.checkpoint import atomic_write
@@ -160,7 +181,8 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str = "demo", arch: st
 
     quiet = log is None
     log = log or (lambda msg: None)
-    cfg = ModelConfig.preset(model)
+    dit = None if model in (None, "none") else model
+    cfg = model_config(dit, config)
     if arch not in TINY_DECODER_ARCHS:
         raise ValueError(f"--arch {arch!r}; valid: {sorted(TINY_DECODER_ARCHS)}")
     if clip_frames < 1 or (clip_frames - 1) % cfg.vae_stride[0]:
@@ -170,7 +192,7 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str = "demo", arch: st
     if amp not in (None, "bf16"):
         raise ValueError(f"amp={amp!r}; valid: None (fp32) or 'bf16'")
     if generated and dit is None:
-        raise ValueError("--generated needs --dit (the DiT whose latents to decode: 'default' or a model folder)")
+        generated = 0  # no DiT: encoder latents only
     teacher = VideoVAE.from_pretrained(vae)
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
         torch.manual_seed(seed)
@@ -181,13 +203,14 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str = "demo", arch: st
                          f"{tiny.spatial_stride}); the VAE has {teacher.z_dim} at ({teacher.temporal_stride}, "
                          f"{teacher.spatial_stride})")
     if teacher.spatial_stride != cfg.vae_stride[1]:
-        raise ValueError(f"the VAE's spatial stride {teacher.spatial_stride} is not model {model}'s {cfg.vae_stride[1]}")
+        raise ValueError(f"the VAE's spatial stride {teacher.spatial_stride} is not config {cfg.name}'s "
+                         f"{cfg.vae_stride[1]}")
 
     # ---- the teacher's pool (cached: the costly part, deterministic) -----------------------------
     t0 = time.perf_counter()
     pool_path = Path(str(out) + ".pool.pt")
     from asd_deploy.decoders.engine import decoder_hash
-    key = stage_key(vae=decoder_hash(VaeDecodeNet(teacher)), model=model, data=data, clips=clips,
+    key = stage_key(vae=decoder_hash(VaeDecodeNet(teacher)), config=cfg.to_dict(), data=data, clips=clips,
                     frames=clip_frames, noise=latent_noise, generated=generated, dit=dit, seed=seed, eval=eval_clips)
     pool = torch.load(pool_path, weights_only=True) if pool_path.is_file() else None
     if pool is None or pool.get("key") != key:
@@ -246,9 +269,9 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str = "demo", arch: st
 
     # ---- report ------------------------------------------------------------------------------
     full_s, tiny_s = chunk_seconds(VaeDecodeNet(teacher), cfg, speed_repeats), chunk_seconds(tiny, cfg, speed_repeats)
-    report = {"vae": str(vae), "model": model, "arch": arch, "config": tiny.config.to_dict(), "data": data,
+    report = {"vae": str(vae), "model": dit, "geometry": cfg.name, "arch": arch, "config": tiny.config.to_dict(), "data": data,
               "clips": clips, "clip_frames": clip_frames, "latent_noise": latent_noise, "generated": generated,
-              "dit": dit, "steps": steps, "batch": batch, "lr": lr, "amp": amp, "seed": seed,
+              "steps": steps, "batch": batch, "lr": lr, "amp": amp, "seed": seed,
               "train_seconds": round(train_s, 1), "params": sum(p.numel() for p in tiny.parameters()),
               "speed": {"geometry": f"{cfg.width}x{cfg.height}, chunks of {cfg.frames_per_chunk} latent frames",
                         "full_decoder_chunk_s": full_s, "tiny_decoder_chunk_s": tiny_s, "speedup": full_s / tiny_s,
@@ -274,38 +297,46 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str = "demo", arch: st
 
 
 def main(argv=None) -> int:
+    from asd_deploy.cli import add_quiet, positive_int, run_command, seed_arg
+
     p = argparse.ArgumentParser(prog="python -m training.tiny_decoder", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--vae", required=True, help="the full VAE (a diffusers AutoencoderKLWan folder): the teacher")
-    p.add_argument("--model", default="demo", help="config preset whose geometry the decoder trains at")
     p.add_argument("--out", required=True, help="output tiny-decoder folder")
+    p.add_argument("--model", default="default",
+                   help="the DiT ('default', a model folder, or 'none'): generated latents and ToyBench")
+    p.add_argument("--config", default=None, help="config preset whose geometry to train at (default: the model's)")
     p.add_argument("--arch", default="demo", help=f"architecture: {sorted(TINY_DECODER_ARCHS)}")
     p.add_argument("--data", default="procedural", help="'procedural' or a folder of NAME.mp4 + NAME.txt")
-    p.add_argument("--clips", type=int, default=512, help="training clips in the teacher pool")
+    p.add_argument("--clips", type=positive_int, default=512, help="training clips in the teacher pool")
     p.add_argument("--clip-frames", type=int, default=13,
                    help="pixel frames per clip (1 + 4k); the decode is exactly causal, so short clips train streaming")
     p.add_argument("--latent-noise", type=float, default=0.2, help="noise std on every other clip's latents")
-    p.add_argument("--generated", type=int, default=0, help="DiT-generated latent clips added to the pool")
-    p.add_argument("--dit", default=None, help="'default' or a model folder: generated latents and ToyBench")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--generated", type=int, default=64, help="DiT-generated latent clips added to the pool")
+    p.add_argument("--max-steps", type=positive_int, default=3000, help="training steps")
+    p.add_argument("--steps", type=str, default=None, help=argparse.SUPPRESS)  # denoising steps elsewhere
+    p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast (default fp32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--save-every", type=int, default=250, help="resumable state every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if it exists")
-    p.add_argument("--eval-clips", type=int, default=16, help="held-out clips for the PSNR")
-    p.add_argument("--toybench-prompts", type=int, default=8, help="ToyBench prompts with --dit (0: skip)")
+    p.add_argument("--eval-clips", type=positive_int, default=16, help="held-out clips for the PSNR")
+    p.add_argument("--toybench-prompts", type=int, default=8, help="ToyBench prompts with a --model (0: skip)")
+    add_quiet(p)
     a = p.parse_args(argv)
-    try:
-        train_tiny_decoder(Path(a.out), a.vae, model=a.model, arch=a.arch, data=a.data, clips=a.clips,
-                           clip_frames=a.clip_frames, latent_noise=a.latent_noise, generated=a.generated, dit=a.dit,
-                           steps=a.steps, batch=a.batch, lr=a.lr, amp=a.amp, seed=a.seed, save_every=a.save_every,
-                           resume=a.resume, eval_clips=a.eval_clips, toybench_prompts=a.toybench_prompts)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    if a.steps is not None:
+        p.error(f"--steps is the number of denoising steps in every asd-deploy tool; the decoder's training "
+                f"length is --max-steps (e.g. --max-steps {a.steps})")
+
+    def run():
+        train_tiny_decoder(Path(a.out), a.vae, model=a.model, config=a.config, arch=a.arch, data=a.data,
+                           clips=a.clips, clip_frames=a.clip_frames, latent_noise=a.latent_noise,
+                           generated=a.generated, steps=a.max_steps, batch=a.batch, lr=a.lr, amp=a.amp, seed=a.seed,
+                           save_every=a.save_every, resume=a.resume, eval_clips=a.eval_clips,
+                           toybench_prompts=a.toybench_prompts, log=None if a.quiet else print)
+        return 0
+    return run_command(run, interrupted=f"interrupted; rerun with --resume to continue from {a.out}.state.pt")
 
 
 if __name__ == "__main__":

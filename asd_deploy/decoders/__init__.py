@@ -105,7 +105,7 @@ def make_decoder(kind: str, vae=None, *, tiny: str | Path | None = None):
             return tiny
         if tiny is None:
             raise ValueError("decoder 'tiny' needs a tiny-decoder folder; train one with: python -m "
-                             "training.tiny_decoder --vae VAE_FOLDER --model CONFIG --out FOLDER")
+                             "training.tiny_decoder --vae VAE_FOLDER --out FOLDER [--model MODEL]")
         return TinyDecoder.from_pretrained(tiny)
     raise ValueError(f"unknown decoder {kind!r}; valid decoders: {list(DECODERS)}")
 
@@ -121,7 +121,7 @@ def pipeline_decoder(kind: str, vae, tiny=None, step=None):
             raise ValueError(f"unknown decoder {kind!r}; valid decoders: {list(DECODERS)} or a tiny-decoder folder")
     if kind == "tiny" and tiny is not None and not isinstance(tiny, torch.nn.Module) and not Path(tiny).is_dir():
         raise FileNotFoundError(f"decoder 'tiny': this model has no tiny decoder ({tiny} does not exist); train one "
-                                f"with: python -m training.tiny_decoder --vae VAE_FOLDER --model CONFIG --out FOLDER, "
+                                f"with: python -m training.tiny_decoder --vae VAE_FOLDER --out FOLDER [--model MODEL], "
                                 f"then pass it (--tiny-decoder FOLDER) or put it in the model folder as tiny_decoder/")
     net = make_decoder(kind, vae, tiny=tiny)
     if vae is not None and (net.z_dim, net.spatial_stride, net.temporal_stride) != \

@@ -225,7 +225,7 @@ class TinyDecoder(nn.Module):
 
         root = Path(path)
         want = (f"expected a tiny-decoder folder with {CONFIG_NAME} and {WEIGHTS_NAME}, written by "
-                f"python -m training.tiny_decoder --vae VAE_FOLDER --model CONFIG --out FOLDER")
+                f"python -m training.tiny_decoder --vae VAE_FOLDER --out FOLDER [--model MODEL]")
         if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"tiny decoder folder {root} is missing or incomplete; {want}")
         try:
