@@ -61,7 +61,8 @@ def summarize_e2e(runs: list[dict]) -> dict:
     ready = [med(r["ready_s"][i] for r in runs) for i in range(n)]
     frames = runs[0]["chunk_frames"]
     intervals = [ready[i] - ready[i - 1] for i in range(1, n)]
-    dit, dec = [med(r["dit_s"][i] for r in runs) for i in range(n)], [med(r["decode_s"][i] for r in runs) for i in range(n)]
+    dit = [med(r["dit_s"][i] for r in runs) for i in range(n)]
+    dec = [med(r["decode_s"][i] for r in runs) for i in range(n)]
     text = med(r["text_s"] for r in runs)
     wall = ready[-1]
     return {"chunks": n, "frames": sum(frames), "chunk_frames": frames, "ready_s": ready, "interval_s": intervals,
@@ -73,7 +74,8 @@ def summarize_e2e(runs: list[dict]) -> dict:
             "jitter_s": _pct(intervals, 99) - _pct(intervals, 50) if intervals else float("nan"),
             "chunk_std_s": statistics.pstdev(intervals) if len(intervals) > 1 else 0.0,
             "split_s": {"text": text, "dit": sum(dit), "decode": sum(dec)},
-            "split_pct_of_wall": {"text": 100 * text / wall, "dit": 100 * sum(dit) / wall, "decode": 100 * sum(dec) / wall},
+            "split_pct_of_wall": {"text": 100 * text / wall, "dit": 100 * sum(dit) / wall,
+                                  "decode": 100 * sum(dec) / wall},
             "chunk_dit_s": dit, "chunk_decode_s": dec, "rss_mb": runs[-1]["rss_mb"]}
 
 

@@ -270,7 +270,8 @@ def write_report(res: dict, out) -> None:
             continue
         for r in b["rows"]:
             L.append(f"| {b['backend']} | {r['schedule']} | "
-                     f"{1e3 * statistics.median(r['chunk_dit_s'][1:] or r['chunk_dit_s']):.1f} | {r['fps_dit_only']:.1f} | "
+                     f"{1e3 * statistics.median(r['chunk_dit_s'][1:] or r['chunk_dit_s']):.1f} | "
+                     f"{r['fps_dit_only']:.1f} | "
                      f"{r['achieved_gflops']:.1f} | {r['pct_of_matmul_peak']:.0f}% | {b['warmup_s']:.2f} |")
     for g in GPU_ONLY:
         L.append(f"| {g} | - | not run: no GPU | | | | |")
@@ -344,7 +345,8 @@ def main(argv=None):
     ap.add_argument("--long-chunks", type=int, default=0,
                     help="rolling-window stream length for RSS and latency growth (0: skip; the goal is 1000)")
     ap.add_argument("--vae", default=None, help="VAE folder (default: the model's, or a tiny random one)")
-    ap.add_argument("--tiny-decoder", default=None, help="tiny decoder folder (default: the model's, or random weights)")
+    ap.add_argument("--tiny-decoder", default=None,
+                    help="tiny decoder folder (default: the model's, or random weights)")
     ap.add_argument("--out", default=None, help="report folder (default benchmarks/reports/<date>-<host>)")
     args = ap.parse_args(argv)
     args.steps = [int(s) for s in args.steps.split(",")]

@@ -435,7 +435,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--decoder", default="vae", choices=("vae", "tiny", "none"),
                     help="decoder exported beside the DiT (ort, aoti): the model's VAE, its tiny decoder, or none")
     ap.add_argument("--vae", default=None, help="VAE folder for --decoder vae (default: the model's)")
-    ap.add_argument("--tiny-decoder", default=None, help="tiny decoder folder for --decoder tiny (default: the model's)")
+    ap.add_argument("--tiny-decoder", default=None,
+                    help="tiny decoder folder for --decoder tiny (default: the model's)")
     return ap
 
 
@@ -464,7 +465,8 @@ def main(argv=None) -> int:
         print(f"chosen here: {m['auto']['chosen']} (" + ", ".join(
             f"{c['name']} {1e3 * c['chunk_s']:.2f} ms" if "chunk_s" in c else f"{c['name']}: {c['error']}"
             for c in m["auto"]["candidates"]) + " per chunk)")
-    print(f"generate with: {generate_command(folder, backend, m['model']['checkpoint'], m['model']['config_name'], sched)}")
+    cmd = generate_command(folder, backend, m["model"]["checkpoint"], m["model"]["config_name"], sched)
+    print(f"generate with: {cmd}")
     if m["backend"] == "aoti" and m.get("device", "cpu") == "cpu":
         print(f"or natively (C++, see README): ./build/asd_stream --engine {folder} --prompt prompt.npy --out latents.npy")
     return 0

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -231,7 +230,8 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
 
     # ---- distillation ------------------------------------------------------------------------
     opt = torch.optim.Adam(tiny.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.05 + 0.475 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(  # cosine decay to 5%
+        opt, lambda s: 0.05 + 0.475 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     g = torch.Generator().manual_seed(seed)  # batches: the only randomness of the loop
     history, start, train_s = [], 0, 0.0
     state_path = Path(str(out) + ".state.pt")
@@ -269,7 +269,8 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
 
     # ---- report ------------------------------------------------------------------------------
     full_s, tiny_s = chunk_seconds(VaeDecodeNet(teacher), cfg, speed_repeats), chunk_seconds(tiny, cfg, speed_repeats)
-    report = {"vae": str(vae), "model": dit, "geometry": cfg.name, "arch": arch, "config": tiny.config.to_dict(), "data": data,
+    report = {"vae": str(vae), "model": dit, "geometry": cfg.name, "arch": arch, "config": tiny.config.to_dict(),
+              "data": data,
               "clips": clips, "clip_frames": clip_frames, "latent_noise": latent_noise, "generated": generated,
               "steps": steps, "batch": batch, "lr": lr, "amp": amp, "seed": seed,
               "train_seconds": round(train_s, 1), "params": sum(p.numel() for p in tiny.parameters()),

@@ -20,7 +20,8 @@ def auto_build_command(config_name: str, checkpoint: str, batch: int = 1, out=No
     return cmd + (f" --batch {batch}" if batch != 1 else "") + (f" --out {out}" if out is not None else "")
 
 
-def find_auto_engine(config, weights_hash: str, *, batch: int = 1, engines_dir=None, checkpoint: str = "default") -> Path:
+def find_auto_engine(config, weights_hash: str, *, batch: int = 1, engines_dir=None,
+                     checkpoint: str = "default") -> Path:
     from ..config import ModelConfig
 
     root = Path(engines_dir) if engines_dir is not None else engine_cache_dir()

@@ -105,7 +105,8 @@ class Mp4Pipe {
     int status = ::pclose(pipe_);
     pipe_ = nullptr;
     if (status != 0) throw std::runtime_error("ffmpeg failed (exit status " + std::to_string(status) + ")");
-    if (std::rename(tmp_.c_str(), path_.c_str()) != 0) throw std::runtime_error("could not rename " + tmp_ + " to " + path_);
+    if (std::rename(tmp_.c_str(), path_.c_str()) != 0)
+      throw std::runtime_error("could not rename " + tmp_ + " to " + path_);
     done_ = true;
   }
 
@@ -150,9 +151,11 @@ int main(int argc, char** argv) {
   if (!video_out.empty() && !ends_with(video_out, ".mp4")) return usage("--video must end in .mp4");
   std::string ffmpeg_exe;
   if (!video_out.empty() && (ffmpeg_exe = find_executable(ffmpeg)).empty()) {
-    std::fprintf(stderr, "asd_stream: --video needs ffmpeg, and %s was not found; give --ffmpeg PATH (the "
-                 "imageio-ffmpeg wheel ships one: python -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())') "
-                 "or write --frames FRAMES.npy instead\n", ffmpeg.c_str());
+    std::fprintf(stderr,
+                 "asd_stream: --video needs ffmpeg, and %s was not found; give --ffmpeg PATH (the imageio-ffmpeg "
+                 "wheel ships one: python -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())') "
+                 "or write --frames FRAMES.npy instead\n",
+                 ffmpeg.c_str());
     return 2;
   }
   if (!chunk_dir.empty()) {

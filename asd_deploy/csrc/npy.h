@@ -133,7 +133,8 @@ class StreamWriter {
       throw std::runtime_error(path_ + ": " + std::to_string(written_) + " of " + std::to_string(want_) +
                                " bytes written; not renamed into place");
     f_.close();
-    if (!f_ || std::rename(tmp_.c_str(), path_.c_str()) != 0) throw std::runtime_error("could not rename " + tmp_ + " to " + path_);
+    if (!f_ || std::rename(tmp_.c_str(), path_.c_str()) != 0)
+      throw std::runtime_error("could not rename " + tmp_ + " to " + path_);
     done_ = true;
   }
 

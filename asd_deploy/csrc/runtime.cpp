@@ -232,8 +232,9 @@ struct Runtime {
     frame_h = video[3];
     frame_w = video[4];
     try {
-      dec_first = std::make_unique<torch::inductor::AOTIModelPackageLoader>(dir + "/" + rt.at("decode_first").str(), "model");
-      dec_next = std::make_unique<torch::inductor::AOTIModelPackageLoader>(dir + "/" + rt.at("decode_next").str(), "model");
+      using Loader = torch::inductor::AOTIModelPackageLoader;
+      dec_first = std::make_unique<Loader>(dir + "/" + rt.at("decode_first").str(), "model");
+      dec_next = std::make_unique<Loader>(dir + "/" + rt.at("decode_next").str(), "model");
     } catch (const std::exception& e) {
       std::string first = e.what();
       engine_error("its decoder packages could not be loaded (" + first.substr(0, first.find('\n')) + ")");
@@ -500,7 +501,8 @@ asd_status asd_decode_chunk(asd_runtime* rt, const float* latents, int64_t numel
     int64_t n = 1;
     for (int64_t d : r.x_shape) n *= d;
     if (latents == nullptr || numel != n)
-      throw asd::Error(ASD_ERR_ARGUMENT, "latents must be one chunk of " + std::to_string(n) + " floats (asd_chunk_shape); got " +
+      throw asd::Error(ASD_ERR_ARGUMENT, "latents must be one chunk of " + std::to_string(n) +
+                       " floats (asd_chunk_shape); got " +
                        (latents == nullptr ? std::string("a null pointer") : std::to_string(numel)));
     const int64_t need = r.max_frames * r.frame_h * r.frame_w * 3;
     if (frames == nullptr || num_frames == nullptr || capacity < need)

@@ -67,7 +67,8 @@ class EngineDecodeNet:
         self.engine_dir, self.meta = Path(engine_dir), meta
         self.backend = manifest["backend"]
         self.name = f"{meta['kind']} ({self.backend} engine)"
-        self.z_dim, self.temporal_stride, self.spatial_stride = meta["z_dim"], meta["temporal_stride"], meta["spatial_stride"]
+        self.z_dim = meta["z_dim"]
+        self.temporal_stride, self.spatial_stride = meta["temporal_stride"], meta["spatial_stride"]
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.batch, self.frames = meta["batch"], meta["frames"]
         self.h, self.w = meta["latent_hw"]

@@ -128,7 +128,8 @@ class TinyDecoder(nn.Module):
         self.config, self.source = config, source
         c = config.channels
         self.name = "tiny"
-        self.z_dim, self.temporal_stride, self.spatial_stride = config.z_dim, config.temporal_stride, config.spatial_stride
+        self.z_dim = config.z_dim
+        self.temporal_stride, self.spatial_stride = config.temporal_stride, config.spatial_stride
         self.conv_in = _conv(config.z_dim, c[0])
         self.levels = nn.ModuleList()
         for i, n in enumerate(config.memory_blocks):
