@@ -36,7 +36,8 @@ def test_trains_loads_and_reports(vae_dir, tmp_path):
     assert len(pool["train_lat"]) == 4 + 2 and len(pool["gen_lat"]) == 1  # clips + generated; generated held out
     held = pool_psnr(net, pool["held_lat"], pool["held_px"])
     assert r["psnr_db"]["heldout_vs_full_decoder"] == pytest.approx(held, abs=0.01)
-    assert "generated_vs_full_decoder" in r["psnr_db"]
+    assert {"generated_vs_full_decoder", "heldout_perturbed_vs_full_decoder"} <= set(r["psnr_db"])
+    assert not torch.equal(pool["held_lat"], pool["held_noisy_lat"])  # the same clips, perturbed
     tb = r["toybench"]
     assert tb["overall_diff"] == pytest.approx(tb["tiny"]["overall"] - tb["vae"]["overall"])
     assert not (tmp_path / "td.state.pt").exists()

@@ -10,9 +10,8 @@ them (the teacher), computed once and cached beside the output (`<out>.pool.pt`)
 tiny decoder (`asd_deploy.decoders.tiny`) on whole clips (its decode is causal and exact in any
 chunk split, so a clip trains the streaming decode); and the report written into the output
 folder (`train_report.json`): speed against the full decoder at the model's geometry (`--config`,
-by default the `--model`'s), PSNR
-against the full decoder's frames (held out, and on DiT-generated latents when a DiT is given),
-and ToyBench with each decoder on the same generated latents. Does not own the network, the
+by default the `--model`'s), PSNR against the full decoder's frames (on held-out encoder latents
+as they are, the same perturbed, and on DiT-generated latents when a DiT is given), and ToyBench with each decoder on the same generated latents. Does not own the network, the
 data (`data.py`) or ToyBench's scoring (`toybench.py`).
 
 Latents: the VAE encoder's (posterior mode, normalized) on procedural videos or the user's
@@ -101,15 +100,16 @@ def generated_latents(dit: str, num: int, frames: int, cfg: ModelConfig, seed: i
 
 @torch.no_grad()
 def teacher_pool(vae: VideoVAE, videos: torch.Tensor | None, extra: torch.Tensor | None, noise: float, seed: int,
-                 batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents float [N, C, F, h, w], the full decoder's frames uint8 [N, 3, T, H, W])."""
+                 batch: int = 8, perturb_every: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents float [N, C, F, h, w], the full decoder's frames uint8 [N, 3, T, H, W]); every
+    `perturb_every`-th clip's encoder latents get Gaussian noise of std `noise`."""
     g = torch.Generator().manual_seed(seed)
     lat = []
     if videos is not None:
         for i in range(0, len(videos), batch):
             z = vae.encode(videos[i:i + batch])
             eps = torch.randn(z.shape, generator=g)
-            keep = (torch.arange(i, i + len(z)) % 2 == 0).view(-1, 1, 1, 1, 1)  # every other clip perturbed
+            keep = (torch.arange(i, i + len(z)) % perturb_every != perturb_every - 1).view(-1, 1, 1, 1, 1)
             lat.append(torch.where(keep, z, z + noise * eps))
     if extra is not None:
         lat.append(extra.float())
@@ -219,9 +219,11 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
             else None
         train_lat, train_px = teacher_pool(teacher, load_clips(data, clips, clip_frames, cfg, seed),
                                            None if gen is None else gen[:generated], latent_noise, seed)
-        held_lat, held_px = teacher_pool(teacher, load_clips(data, eval_clips, clip_frames, cfg, seed + 1), None,
-                                         latent_noise, seed + 1)
-        pool = {"key": key, "train_lat": train_lat, "train_px": train_px, "held_lat": held_lat, "held_px": held_px}
+        held = load_clips(data, eval_clips, clip_frames, cfg, seed + 1)
+        held_lat, held_px = teacher_pool(teacher, held, None, 0.0, seed + 1)  # the encoder's latents as they are
+        noisy_lat, noisy_px = teacher_pool(teacher, held, None, latent_noise, seed + 2, perturb_every=1)
+        pool = {"key": key, "train_lat": train_lat, "train_px": train_px, "held_lat": held_lat, "held_px": held_px,
+                "held_noisy_lat": noisy_lat, "held_noisy_px": noisy_px}
         if gen is not None:
             pool["gen_lat"], pool["gen_px"] = teacher_pool(teacher, None, gen[generated:], 0.0, seed)
         atomic_write(pool_path, lambda tmp: torch.save(pool, tmp))
@@ -278,6 +280,8 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
                         "full_decoder_chunk_s": full_s, "tiny_decoder_chunk_s": tiny_s, "speedup": full_s / tiny_s,
                         "goal_speedup": 10.0},
               "psnr_db": {"heldout_vs_full_decoder": round(pool_psnr(tiny, pool["held_lat"], pool["held_px"]), 2),
+                          "heldout_perturbed_vs_full_decoder":
+                              round(pool_psnr(tiny, pool["held_noisy_lat"], pool["held_noisy_px"]), 2),
                           "goal": 30.0},
               "history": history}
     if "gen_lat" in pool:
