@@ -407,7 +407,7 @@ class SlotStream:
     def __init__(self, engine: SlotEngine, slot: _Slot, num_chunks: int, decode: bool):
         self.engine, self._slot, self.num_chunks = engine, slot, num_chunks
         self.row = slot.row
-        self._decoder = engine.pipe.vae.stream_decoder(batch_size=1) if decode else None
+        self._decoder = engine.pipe.decoder.stream(1) if decode else None
         self._taken = 0
 
     @property
@@ -449,7 +449,7 @@ class SlotStream:
             from ..vae import to_uint8_frames
 
             t0 = time.perf_counter()
-            frames = to_uint8_frames(self._decoder.decode_chunk(latents.to(self.engine.pipe.vae.device)))
+            frames = to_uint8_frames(self._decoder.decode_chunk(latents.to(self.engine.pipe.decoder.device)))
             decode_s = time.perf_counter() - t0
         return ChunkOut(index, latents, frames, prompt, switched, done - started, taken - done, decode_s,
                         done - started + decode_s, time.perf_counter() - slot.opened)
@@ -464,7 +464,9 @@ class SlotStream:
             self._slot.pending_switch = (prompt, context, mode)
 
     def close(self, reason: str = "closed by client"):
+        """Free the slot now; chunks made but not yet taken are dropped (the consumer has left)."""
         with self.engine._cond:
+            self._slot.out.clear()
             self.engine._free(self._slot, reason)
 
     def __enter__(self):
