@@ -78,21 +78,9 @@ def bf16_matmul_peak_tflops(n: int = 8192) -> float:
 
 def step_flops_split(cfg) -> tuple[int, int]:
     """(all FLOPs, linear-layer FLOPs) of one step against a full cache, counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from benchmarks.latency import step_flop_counts
 
-    from asd_deploy.cache import KVCache
-    from asd_deploy.model import CausalWanDiT
-
-    with torch.device("meta"), torch.no_grad():
-        m, c = CausalWanDiT(cfg), KVCache(cfg, device="meta")
-        args = (torch.randn(cfg.chunk_shape()), torch.zeros(1, cfg.frames_per_chunk), torch.randn(cfg.cross_shape()),
-                torch.randn(cfg.cross_shape()), c.k, c.v, c.frame_index, c.cache_len)
-        fc = FlopCounterMode(display=False)
-        with fc:
-            m.forward_step(*args)
-    counts = fc.get_flop_counts().get("Global", {})
-    gemm = sum(v for op, v in counts.items() if str(op).split(".")[1] in ("mm", "addmm"))  # linears (attention is bmm)
-    return fc.get_total_flops(), gemm
+    return step_flop_counts(cfg)
 
 
 def gemm_ms(fn) -> float | None:

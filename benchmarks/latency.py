@@ -70,8 +70,9 @@ def matmul_rates_gflops(n: int = 1024, repeats: int = 5) -> dict[str, float]:
     return rates
 
 
-def step_flops(cfg: ModelConfig) -> int:
-    """FLOPs of one chunk step against a full cache (counted on the meta device, no compute)."""
+def step_flop_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(all FLOPs, linear-layer FLOPs) of one chunk step against a full cache, counted on the
+    meta device (no compute); attention's batched matmuls are in the first only."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"), torch.no_grad():
@@ -81,7 +82,14 @@ def step_flops(cfg: ModelConfig) -> int:
         fc = FlopCounterMode(display=False)
         with fc:
             m.forward_step(*args)
-    return fc.get_total_flops()
+    counts = fc.get_flop_counts().get("Global", {})
+    gemm = sum(v for op, v in counts.items() if str(op).split(".")[1] in ("mm", "addmm"))
+    return fc.get_total_flops(), gemm
+
+
+def step_flops(cfg: ModelConfig) -> int:
+    """FLOPs of one chunk step against a full cache."""
+    return step_flop_counts(cfg)[0]
 
 
 class CountingStep:

@@ -156,3 +156,42 @@ def test_ablation_cli_writes_table2_with_intervals(micro_run, tmp_path):
             assert row["videos"] == 2 * 2 and len(row["per_run"]) == 2
     assert all(d["diff"] == 0.0 for d in res["differences"]) and len(res["differences"]) == 4
     assert "| neither | 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_vae_training_resumes_exactly(tmp_path):
+    """6 steps straight, or a run killed just after writing its state at step 2 and resumed to 6:
+    the same weights, bit for bit (crops and bf16 autocast included); a finished run leaves no
+    state file behind."""
+    import training.vae as V
+
+    kw = dict(batch=2, lr=1e-3, num_videos=4, clip_frames=1, eval_videos=1, crop=(16, 24), amp="bf16", log=None)
+    train_vae(tmp_path / "a", steps=6, save_every=2, **kw)
+    assert not (tmp_path / "a.state.pt").exists()
+    orig = V.save_state
+
+    def killed_after_saving(*args):
+        orig(*args)
+        raise KeyboardInterrupt
+    V.save_state = killed_after_saving
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_vae(tmp_path / "c", steps=6, save_every=2, **kw)
+    finally:
+        V.save_state = orig
+    assert (tmp_path / "c.state.pt").exists() and not (tmp_path / "c").exists()
+    import shutil
+    shutil.copy(tmp_path / "c.state.pt", tmp_path / "d.state.pt")
+    said = []
+    train_vae(tmp_path / "c", steps=6, save_every=2, resume=True, **{**kw, "log": said.append})
+    assert any("resumed" in m and "at step 2" in m for m in said), said
+    # the state really is what the run continues from: tampered weights give other weights
+    st = torch.load(tmp_path / "d.state.pt", weights_only=True)
+    st["net"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in st["net"].items()}
+    torch.save(st, tmp_path / "d.state.pt")
+    train_vae(tmp_path / "d", steps=6, save_every=2, resume=True, **kw)
+    from safetensors.torch import load_file
+    d = load_file(tmp_path / "d" / "diffusion_pytorch_model.safetensors")
+    a = load_file(tmp_path / "a" / "diffusion_pytorch_model.safetensors")
+    c = load_file(tmp_path / "c" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert not all(torch.equal(a[k], d[k]) for k in a)

@@ -42,6 +42,7 @@ from asd_deploy.decoders.tiny import TINY_DECODER_ARCHS, TinyDecoder
 from asd_deploy.decoders.vae import VaeDecodeNet
 from asd_deploy.vae import VideoVAE
 
+from .resume import load_state, save_state, state_path
 from .vae import psnr, render
 
 
@@ -236,15 +237,10 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
         opt, lambda s: 0.05 + 0.475 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     g = torch.Generator().manual_seed(seed)  # batches: the only randomness of the loop
     history, start, train_s = [], 0, 0.0
-    state_path = Path(str(out) + ".state.pt")
-    if resume and state_path.is_file():
-        st = torch.load(state_path, weights_only=True)
-        tiny.load_state_dict(st["tiny"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        g.set_state(st["gen"])
-        start, train_s, history = int(st["step"]), float(st["train_s"]), json.loads(st["history"])
-        log(f"resumed {state_path} at step {start}")
+    state = state_path(out)
+    if resume and state.is_file():
+        start, train_s, history = load_state(state, tiny, opt, sched, g)
+        log(f"resumed {state} at step {start}")
     t1 = time.perf_counter() - train_s
     drop = tiny.temporal_stride - 1  # a video's first latent frame decodes to its last frame of 4
     bar = tqdm(range(start, steps), desc="tiny decoder", unit="step", disable=quiet, initial=start, total=steps)
@@ -263,9 +259,7 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
             history.append({"step": step, "loss": loss.item()})
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            st = {"tiny": tiny.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": g.get_state(),
-                  "step": step + 1, "train_s": time.perf_counter() - t1, "history": json.dumps(history)}
-            atomic_write(state_path, lambda tmp: torch.save(st, tmp))
+            save_state(state, tiny, opt, sched, g, step + 1, time.perf_counter() - t1, history)
     train_s = time.perf_counter() - t1
     tiny.eval().requires_grad_(False)
 
@@ -292,7 +286,7 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
         report["toybench"]["goal_abs_diff"] = 0.02
     tiny.source = str(out)
     tiny.save(out, extra={"train_report.json": json.dumps(report, indent=2)})
-    state_path.unlink(missing_ok=True)
+    state.unlink(missing_ok=True)
     tb = report.get("toybench")
     log(f"tiny decoder: {report['speed']['speedup']:.1f}x faster than the full decoder, PSNR "
         f"{report['psnr_db']['heldout_vs_full_decoder']} dB against it (held out)"

@@ -28,6 +28,8 @@ import torch
 from asd_deploy.config import ModelConfig
 from asd_deploy.vae import TINY_CONFIG, VideoVAE
 
+from .resume import load_state, save_state, state_path
+
 
 def render(num: int, seed: int, frames: int, height: int, width: int, max_objects: int = 3) -> torch.Tensor:
     """Procedural videos as float [N, 3, T, H, W] in [-1, 1]."""
@@ -141,7 +143,6 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
     from diffusers import AutoencoderKLWan
     from tqdm import tqdm
 
-    from asd_deploy.checkpoint import atomic_write
     from asd_deploy.vae import VAE_ARCHS
 
     if clip_frames < 1 or (clip_frames - 1) % 4:
@@ -180,16 +181,10 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
         opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     g = torch.Generator().manual_seed(seed)
     history, start, train_s = [], 0, 0.0
-    state_path = Path(str(out) + ".state.pt")
-    if resume and state_path.is_file():
-        st = torch.load(state_path, weights_only=True)
-        vae.load_state_dict(st["vae"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        g.set_state(st["gen"])
-        start, train_s = int(st["step"]), float(st["train_s"])
-        history = json.loads(st["history"])
-        log(f"resumed {state_path} at step {start}")
+    state = state_path(out)
+    if resume and state.is_file():
+        start, train_s, history = load_state(state, vae, opt, sched, g)
+        log(f"resumed {state} at step {start}")
     t1 = time.perf_counter() - train_s
     bar = tqdm(range(start, steps), desc="vae", unit="step", disable=quiet, initial=start, total=steps)
     for step in bar:
@@ -213,10 +208,7 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
             history.append({"step": step, "recon": rec_loss.item(), "kl": kl.item()})
             bar.set_postfix(recon=f"{rec_loss.item():.4f}")
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            st = {"vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                  "gen": g.get_state(), "step": step + 1, "train_s": time.perf_counter() - t1,
-                  "history": json.dumps(history)}
-            atomic_write(state_path, lambda tmp: torch.save(st, tmp))
+            save_state(state, vae, opt, sched, g, step + 1, time.perf_counter() - t1, history)
     train_s = time.perf_counter() - t1
     vae.eval()
     mean, std = latent_stats(vae, train[:256].float() / 127.5 - 1.0)
@@ -234,7 +226,7 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
         if prev.is_file():
             report["previous"] = json.loads(prev.read_text())
     wrapped.save(out, extra={"train_report.json": json.dumps(report, indent=2)})
-    state_path.unlink(missing_ok=True)
+    state.unlink(missing_ok=True)
     log(f"VAE: held-out PSNR {report['heldout_psnr_db']} dB after {steps} steps ({train_s:.0f} s); saved {out}")
     return report
 
