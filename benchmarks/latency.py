@@ -1,7 +1,7 @@
 """Latency report a deployer can trust: every figure from this one command, on this machine.
 
     python -m benchmarks.latency [--config tiny|small|medium|default] [--backends eager,compile,ort18,ort23,aoti,auto]
-                                 [--decoders vae,tiny] [--steps 1,2,4] [--ffe] [--chunks N] [--repeats R]
+                                 [--decoders vae,tiny] [--steps 1,2,4] [--ffe|--no-ffe] [--chunks N] [--repeats R]
                                  [--long-chunks 1000] [--vae FOLDER] [--tiny-decoder FOLDER]
 
 Writes benchmarks/reports/<date>-<host>/latency.json (machine-readable, machine described),
@@ -346,7 +346,10 @@ def main(argv=None):
     ap.add_argument("--backends", default="eager", help="eager, compile, ort18, ort23, aoti, auto, trt (comma list)")
     ap.add_argument("--decoders", default="vae,tiny", help="end-to-end decoders: vae, tiny (comma list)")
     ap.add_argument("--steps", default="1,2")
-    ap.add_argument("--ffe", action="store_true", help="also run each step count with First-Frame Enhancement")
+    ap.add_argument("--ffe", action=argparse.BooleanOptionalAction, default=True,
+                    help="First-Frame Enhancement: DiT-only rows of each step count with FFE, beside the plain "
+                         "rows they are compared with (--no-ffe: plain rows only); end-to-end rows always "
+                         "include the deployed 1 step + FFE")
     ap.add_argument("--chunks", type=int, default=4, help="chunks per video, DiT-only rows")
     ap.add_argument("--e2e-chunks", type=int, default=None, help="chunks per video, end-to-end rows (default --chunks)")
     ap.add_argument("--repeats", type=int, default=3)

@@ -119,6 +119,29 @@ def test_cpp_and_python_api_agree_on_ffe_steps(native, tmp_path):
     assert (got - python(4)).abs().max() > 1e-2
 
 
+def test_cpp_timesteps_follow_the_model_config(native, tmp_path):
+    """The network's t is the manifest config's num_train_timesteps * sigma (here 500, written into
+    a copy's manifest), as the Python loop computes it from its config; not a literal 1000."""
+    import dataclasses
+
+    engine = shutil.copytree(native[1], tmp_path / "t500")
+    m = json.loads((engine / "manifest.json").read_text())
+    m["model"]["config"]["num_train_timesteps"] = 500
+    (engine / "manifest.json").write_text(json.dumps(m))
+    _, _, loaded = native
+    ctx, prompt = _prompt(tmp_path, loaded.config)
+    r = _stream(native, "--prompt", prompt, "--chunks", 2, "--seed", 3, "--out", tmp_path / "lat.npy", engine=engine)
+    assert r.returncode == 0, r.stderr
+    got = torch.from_numpy(np.load(tmp_path / "lat.npy"))
+    step = EagerStep(loaded.model)
+    step.config = dataclasses.replace(loaded.config, num_train_timesteps=500)
+    sched = _manifest_schedule(native[1])
+    assert_close(got, torch.cat(list(generate(step, ctx, num_chunks=2, schedule=sched, seed=3)), dim=2), 1e-4,
+                 "C++ vs Python at num_train_timesteps 500")
+    base = torch.cat(list(generate(EagerStep(loaded.model), ctx, num_chunks=2, schedule=sched, seed=3)), dim=2)
+    assert (got - base).abs().max() > 1e-2
+
+
 def test_cpp_reads_encode_prompt_output(native, tmp_path):
     """The Python side's `encode-prompt` file feeds the C++ runtime directly."""
     out = tmp_path / "p.npy"

@@ -1,7 +1,7 @@
 """The GPU path on a CUDA GPU: compiled Triton kernels, CUDA graphs, torch.compile, AOTInductor and
 ONNX Runtime on CUDA, each against eager. Every test is `gpu`-marked and skips without CUDA (this
 project's machines have none: NOT RUN HERE). `python -m benchmarks.gpu --check` runs this file
-with the TensorRT tests, warnings as errors, before the benchmark.
+with the TensorRT tests (warnings from asd_deploy as errors) before the benchmark.
 
 Tolerances: fp32 1e-4 absolute (TF32 is off for torch matmuls by default); kernels in bf16/fp16
 two units in the last place of the output's magnitude (one rounding of an fp32 result, where the

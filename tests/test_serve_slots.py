@@ -273,3 +273,33 @@ def test_live_cache_step_in_slots(pipe):
     engine.close()
     assert_close(lat_a, _solo(pipe, PROMPTS[0], 1, True, 1, 5), 1e-4, "live-cache slot a")
     assert_close(lat_b, _solo(pipe, PROMPTS[1], 2, True, 2, 4), 1e-4, "live-cache slot b")
+
+
+def test_slot_timesteps_follow_the_model_config(pipe):
+    """The slot program hands the step t = num_train_timesteps * sigma from the config (as
+    generator.generate does), not a literal 1000."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from asd_deploy.schedule import denoising_sigmas
+
+    inner, seen = pipe.step, []
+
+    class Spy:
+        config = dataclasses.replace(pipe.config, num_train_timesteps=500)
+        dtype, device, cross_kv = inner.dtype, inner.device, inner.cross_kv
+
+        def __call__(self, x, t, *rest):
+            seen.append(t[0, 0].item())
+            return inner(x, t, *rest)
+
+    spy = Spy()
+    engine = SlotEngine(SimpleNamespace(step=spy, config=spy.config, text_encoder=pipe.text_encoder), 1)
+    try:
+        with engine.open(PROMPTS[0], steps=2, ffe=True, seed=0, frames=_frames(pipe.config, 2), decode=False) as s:
+            _run(s)
+    finally:
+        engine.close()
+    # chunk 0 with FFE (4 steps), its clean pass (t = 0), chunk 1 at 2 steps
+    want = [500 * x for x in denoising_sigmas(4)] + [0.0] + [500 * x for x in denoising_sigmas(2)]
+    assert seen == pytest.approx(want, rel=1e-6)

@@ -43,6 +43,15 @@ def fake_trt(monkeypatch):
     return fake_tensorrt
 
 
+def test_engine_device_carries_its_index(monkeypatch):
+    """Input tensors report cuda:N; a bare "cuda" engine device never equals that, so every input
+    check (and the build's validation) would fail on a GPU. The engine keeps the indexed device."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert trt_backend.indexed_cuda_device("cuda") == torch.device("cuda", 0)
+    assert trt_backend.indexed_cuda_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert torch.device("cuda") != torch.device("cuda", 0)  # the trap itself
+
+
 @pytest.mark.slow
 def test_trt_build_is_strongly_typed_without_tf32_and_falls_back_to_opset_18(fake_trt, tmp_path):
     """fp32 build against TensorRT 11's API: a strongly typed network, no precision flag set,

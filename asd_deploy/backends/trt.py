@@ -146,12 +146,21 @@ def build_trt_engine(onnx_path, engine_path, precision: str = "fp32", timing_cac
     return engine_path
 
 
+def indexed_cuda_device(device) -> torch.device:
+    """`device` with its index: tensors report `cuda:N`, and `torch.device("cuda")` never equals
+    that, so an engine compares inputs against the indexed device (the current one when none)."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
 class TRTEngine:
     """One engine: I/O checked against `signature`, outputs allocated once, a dedicated stream."""
 
     def __init__(self, path, signature: Signature, device="cuda"):
         trt = check_trt_available()
-        self.path, self.signature, self.device = Path(path), signature, torch.device(device)
+        self.path, self.signature, self.device = Path(path), signature, indexed_cuda_device(device)
         self.logger = trt.Logger(trt.Logger.WARNING)  # kept: the runtime and engine refer to them
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -209,9 +218,9 @@ class TRTStep:
                               f"{manifest.get('rebuild', 'python -m export.build --backend trt --force')}")
         engine_dir = Path(engine_dir)
         self.config, self.batch = config, manifest["batch"]
-        self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError(f"TensorRT engines run on a CUDA device; got {self.device}")
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"TensorRT engines run on a CUDA device; got {device}")
+        self.device = indexed_cuda_device(device)
         self.dtype = precision_dtype(manifest["precision"])  # the engine's I/O, not always fp32
         sig = signatures(config, self.batch, self.dtype)
         rt = manifest["runtime"]

@@ -62,10 +62,14 @@ at::ScalarType scalar_type(const std::string& dtype) {
   throw std::runtime_error("unsupported engine dtype \"" + dtype + "\"");
 }
 
+// Entries of the shifted sigma table (asd_deploy/schedule.py TABLE_SIZE): a constant of the schedule;
+// sigma = table timestep / kTableSize. The network's timestep is num_train_timesteps * sigma.
+constexpr double kTableSize = 1000.0;
+
 // asd_deploy/schedule.py: 1000 * shift_sigma(1 - i / steps), i < steps, in the same double arithmetic.
 std::vector<double> denoising_timesteps(int steps, double shift) {
   std::vector<double> out;
-  const double n = 1000.0;
+  const double n = kTableSize;
   for (int i = 0; i < steps; ++i) {
     double raw = n * (1 - static_cast<double>(i) / steps);
     double sigma = raw / n;
@@ -98,6 +102,7 @@ struct Runtime {
   int64_t fpc = 0, tokens_per_chunk = 0, cache_chunks = 0, sink_chunks = 0;
   // schedule
   double shift = 5.0;
+  double num_train_timesteps = 1000.0;  // the model config's (manifest), scales sigma to the network's t
   int steps = 1, ffe_steps = 4;
   bool ffe = false;
   // stream state
@@ -165,6 +170,8 @@ struct Runtime {
 
     const auto& cfg = m.at("model").at("config");
     fpc = cfg.at("frames_per_chunk").integer();
+    num_train_timesteps = static_cast<double>(cfg.at("num_train_timesteps").integer());
+    if (num_train_timesteps <= 0) engine_error("its model config has num_train_timesteps <= 0");
     const auto& s_in = m.at("shapes").at("step").at("inputs");
     x_shape = s_in.at("x").at("shape").ints();
     t_shape = s_in.at("t").at("shape").ints();
@@ -327,11 +334,11 @@ struct Runtime {
     std::vector<double> ts = denoising_timesteps(steps_for_chunk(chunks_done), shift);
     at::Tensor x0;
     for (size_t i = 0; i < ts.size(); ++i) {
-      double sigma = ts[i] / 1000.0;
-      at::Tensor flow = run_step(x, 1000.0 * sigma)[0].to(at::kFloat);
+      double sigma = ts[i] / kTableSize;
+      at::Tensor flow = run_step(x, num_train_timesteps * sigma)[0].to(at::kFloat);
       x0 = x - sigma * flow;
       if (i + 1 < ts.size()) {
-        double next = ts[i + 1] / 1000.0;
+        double next = ts[i + 1] / kTableSize;
         at::Tensor eps = at::randn(x_shape, gen, at::TensorOptions().dtype(at::kFloat));
         x = (1 - next) * x0 + next * eps;
       }
