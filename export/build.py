@@ -332,7 +332,7 @@ def _build_locked(folder, loaded, model, cfg, dtype, schedule, *, checkpoint, ba
         manifest["portable"] = {"step": "step.onnx", "cross_kv": "cross_kv.onnx"}
         manifest["ort_optimization"] = "extended (CPU provider)"
     elif backend == "trt":  # NOT RUN HERE (no GPU / TensorRT): written to the TensorRT 10.x/11 docs
-        from asd_deploy.backends.trt import (TRTParseError, build_trt_engine, engine_name, gpu_tag,
+        from asd_deploy.backends.trt import (TRTBuildError, TRTParseError, build_trt_engine, engine_name, gpu_tag,
                                              timing_cache_name)
 
         from .onnx_export import export_onnx
@@ -359,6 +359,11 @@ def _build_locked(folder, loaded, model, cfg, dtype, schedule, *, checkpoint, ba
                         raise
                     log(f"[build] TensorRT {version} rejects {sorted(e.ops)} at opset {opset}; "
                         f"exporting {g} at opset {TRT_FALLBACK_OPSET}")
+                except TRTBuildError:  # parsed, but e.g. no fp32 kernel for the fused Attention
+                    if opset <= TRT_FALLBACK_OPSET:
+                        raise
+                    log(f"[build] TensorRT {version} built no engine of {g} at opset {opset}; "
+                        f"exporting it at opset {TRT_FALLBACK_OPSET} (no fused operators)")
                 specs18 = specs18 or {s.name: s for s in export_specs(model, batch, TRT_FALLBACK_OPSET)}
                 src = folder / f"{g}.op{TRT_FALLBACK_OPSET}.onnx"
                 side = export_onnx(specs18[g], src, TRT_FALLBACK_OPSET)

@@ -2,7 +2,8 @@
 
 It has what TensorRT 11 has and nothing it removed (no `BuilderFlag.FP16`/`BF16`/`INT8`, no
 weak typing), records every builder call in `calls`, parses ONNX files with the `onnx` package
-and rejects the operators in `UNSUPPORTED` (as a TensorRT older than 10.14 rejects `Attention`).
+and rejects the operators in `UNSUPPORTED` (as a TensorRT older than 10.14 rejects `Attention`);
+the builder fails (returns None) on graphs holding an operator in `NO_IMPLEMENTATION`.
 Timing caches whose bytes start with b"stale" are refused by `set_timing_cache` (returns False),
 as TensorRT refuses one from another version or GPU. It builds nothing: the "engine" is a
 description of what was asked. Not a runtime (no Runtime, no engines to execute).
@@ -13,6 +14,9 @@ import json
 
 __version__ = "11.4.0.106"
 UNSUPPORTED: set = set()
+# parsed, but the builder finds no kernel for them ("no implementation"): build returns None, as
+# an fp32 build of a fused `Attention` may
+NO_IMPLEMENTATION: set = set()
 calls: list = []
 
 
@@ -62,6 +66,7 @@ class _Network:
     def __init__(self, flags):
         self.flags = flags
         self._inputs = []
+        self._ops = set()
 
     @property
     def num_inputs(self):
@@ -106,6 +111,7 @@ class OnnxParser:
         calls.append(("parse", str(path), not self._errors))
         if self._errors:
             return False
+        self.network._ops = {n.op_type for n in nodes}
         for i in model.graph.input:
             t = i.type.tensor_type
             self.network._inputs.append(_Tensor(i.name, _ONNX[t.elem_type], tuple(d.dim_value for d in t.shape.dim)))
@@ -169,4 +175,6 @@ class Builder:
                 "strongly_typed": builtins.bool(network.flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED)),
                 "tf32": BuilderFlag.TF32 in config.flags}
         calls.append(("build", desc))
+        if network._ops & NO_IMPLEMENTATION:
+            return None
         return memoryview(json.dumps(desc).encode())

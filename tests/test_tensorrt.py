@@ -37,6 +37,7 @@ def fake_trt(monkeypatch):
     of torch still sees none (the ONNX exporter must not try CUDA)."""
     fake_tensorrt.calls.clear()
     monkeypatch.setattr(fake_tensorrt, "UNSUPPORTED", set())
+    monkeypatch.setattr(fake_tensorrt, "NO_IMPLEMENTATION", set())
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
     monkeypatch.setattr(trt_backend, "check_trt_available", lambda: fake_tensorrt)
     monkeypatch.setattr(trt_backend, "gpu_tag", lambda: "sm90")
@@ -50,6 +51,39 @@ def test_engine_device_carries_its_index(monkeypatch):
     assert trt_backend.indexed_cuda_device("cuda") == torch.device("cuda", 0)
     assert trt_backend.indexed_cuda_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert torch.device("cuda") != torch.device("cuda", 0)  # the trap itself
+
+
+def test_trt_step_results_survive_the_next_call():
+    """The engine reuses its output buffers; a stream's results must not change when another
+    stream (another thread) runs the step next, and calls never overlap on one context."""
+    import threading
+    import time
+
+    class Engine:  # the TRTEngine contract: the same output buffers every run
+        def __init__(self):
+            self.outputs, self.running = (torch.zeros(2), torch.zeros(2), torch.zeros(2)), 0
+
+        def run(self, inputs):
+            self.running += 1
+            assert self.running == 1, "two calls inside one execution context"
+            time.sleep(0.01)
+            for o in self.outputs:
+                o.fill_(float(inputs[0]))
+            self.running -= 1
+            return self.outputs
+
+    step = object.__new__(trt_backend.TRTStep)
+    step._step, step._cross, step._lock = Engine(), Engine(), threading.Lock()
+    first = step(torch.tensor(1.0), *[None] * 7)
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, step(torch.tensor(float(i)), *[None] * 7)))
+               for i in range(2, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(o, torch.ones(2)) for o in first)
+    assert all(torch.equal(results[i][0], torch.full((2,), float(i))) for i in range(2, 6))
 
 
 @pytest.mark.slow
@@ -76,6 +110,22 @@ def test_trt_build_is_strongly_typed_without_tf32_and_falls_back_to_opset_18(fak
     assert any("rejects ['Attention'] at opset 23" in line for line in logs)
     step_inputs = builds[0]["inputs"]
     assert step_inputs["x"][0] == "FLOAT" and step_inputs["cache_len"] == ["INT64", [1]]
+
+
+@pytest.mark.slow
+def test_trt_build_without_a_kernel_for_fused_attention_falls_back_to_opset_18(fake_trt, tmp_path):
+    """The parser takes `Attention` but the builder makes no engine of it (no fp32 kernel): the
+    step is rebuilt from the opset-18 graph; cross_kv (no Attention) stays at 23."""
+    from export.build import build
+
+    fake_trt.NO_IMPLEMENTATION = {"Attention"}
+    logs = []
+    folder = build(config="tiny", checkpoint="random", backend="trt", precision="fp32", out=tmp_path,
+                   validate=False, log=logs.append)
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["trt_onnx_opset"] == {"step": 18, "cross_kv": 23}
+    assert any("built no engine of step at opset 23" in line for line in logs)
+    assert sum(c[0] == "build" for c in fake_trt.calls) == 3  # step at 23 (failed), step at 18, cross_kv
 
 
 def test_trt_build_refuses_a_graph_in_another_precision(fake_trt, tmp_path):

@@ -28,6 +28,7 @@ with TensorRT 11's API surface (no BuilderFlag.FP16, ...) and the engine-vs-eage
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -85,6 +86,10 @@ class TRTParseError(RuntimeError):
         super().__init__(f"TensorRT could not parse {path}: {detail}")
 
 
+class TRTBuildError(RuntimeError):
+    """The builder produced no engine from a parsed graph (e.g. no fp32 kernel for a fused op)."""
+
+
 def _parser_errors(parser) -> list[tuple[str, str, str]]:
     out = []
     for i in range(parser.num_errors):
@@ -108,7 +113,8 @@ def build_trt_engine(onnx_path, engine_path, precision: str = "fp32", timing_cac
                      workspace_gib: float = 8.0, log=None) -> Path:
     """A static-shape engine from an ONNX graph exported in `precision` (strongly typed: the
     graph's dtypes decide; `precision` clears TF32 for fp32 and is checked against the graph's
-    floating inputs). Raises `TRTParseError` when the parser rejects an operator."""
+    floating inputs). Raises `TRTParseError` when the parser rejects an operator, `TRTBuildError`
+    when the builder makes no engine of the parsed graph."""
     log = log or (lambda msg: None)
     dtype = precision_dtype(precision)
     trt = check_trt_available()
@@ -138,7 +144,7 @@ def build_trt_engine(onnx_path, engine_path, precision: str = "fp32", timing_cac
                 raise RuntimeError("TensorRT refused an empty timing cache")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+        raise TRTBuildError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     engine_path = Path(engine_path)
     _atomic_bytes(engine_path, serialized)
     if cache_path is not None:
@@ -226,13 +232,19 @@ class TRTStep:
         rt = manifest["runtime"]
         self._step = TRTEngine(engine_dir / rt["step"], sig["step"], self.device)
         self._cross = TRTEngine(engine_dir / rt["cross_kv"], sig["cross_kv"], self.device)
+        # one execution context and one set of output buffers per engine: concurrent streams
+        # (Pipeline is thread-safe) take turns, and each gets its own copy of the outputs
+        self._lock = threading.Lock()
 
     def cross_kv(self, context):
-        k, v = self._cross.run((context.to(self.device, self.dtype).contiguous(),))
-        return k.clone(), v.clone()  # its output buffers are reused by the next prompt
+        with self._lock:
+            k, v = self._cross.run((context.to(self.device, self.dtype).contiguous(),))
+            return k.clone(), v.clone()  # its output buffers are reused by the next prompt
 
     def __call__(self, x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len):
-        return self._step.run((x, t, cross_k, cross_v, cache_k, cache_v, frame_index, cache_len))
+        with self._lock:  # flow and the chunk's K/V: small beside the cache, copied out of the buffers
+            return tuple(o.clone() for o in self._step.run((x, t, cross_k, cross_v, cache_k, cache_v, frame_index,
+                                                             cache_len)))
 
 
 def load_trt_engine(engine_dir, manifest, config, device=None, **options):
