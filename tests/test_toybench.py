@@ -27,7 +27,8 @@ def test_real_videos_score_near_perfect(h, w, seed, n):
 
 def test_overall_has_a_floor_that_doing_nothing_cannot_pass():
     """Real videos at the default model's size score >= 0.95 overall; the background alone scores
-    <= 0.1, and a held first frame, a wrong colour and a wrong direction each clearly lower."""
+    <= 0.1, and a held first frame, a wrong colour and a wrong direction each clearly lower: at most
+    0.55, so none of them reaches the default model's 0.7 goal."""
     items = _items(64, 96, 7, 24, max_objects=2)
     real = np.mean([score_video(it["video"], it["caption"])["overall"] for it in items])
     assert real >= 0.95, real
@@ -39,7 +40,7 @@ def test_overall_has_a_floor_that_doing_nothing_cannot_pass():
     means = {k: float(np.mean(v)) for k, v in rows.items()}
     assert means["background only"] <= 0.1, means
     for name, m in means.items():
-        assert m <= real - 0.2, (name, m, real)
+        assert m <= real - 0.2 and m <= 0.55, (name, m, real)
 
 
 def test_stray_objects_cost_overall():

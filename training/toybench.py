@@ -34,13 +34,14 @@ Metrics, each in [0, 1] (higher is better except artifact_rate), means over the 
   artifact_rate  fraction of pixels within COLOR_CAP of no known colour.
   stray_rate   fraction of pixels of a known colour the caption does not name (a hallucinated
                object, a wrong background).
-  overall      mean over the named objects of presence * (0.25 + 0.15 * shape + 0.3 * motion +
-               0.15 * steadiness + 0.15 * straightness), times (0.5 + 0.5 * background), times
+  overall      mean over the named objects of presence * (0.5 + 0.5 * motion) * (0.4 + 0.2 * shape +
+               0.2 * steadiness + 0.2 * straightness), times (0.5 + 0.5 * background), times
                (1 - artifact_rate - stray_rate). steadiness = clip(1 - cv(area), 0, 1) and
                straightness = 1 / (1 + rel^2) are consistency and smoothness before their presence
-               factor. Everything is gated by the named objects being there: a video of the right
-               background alone scores 0, a static or wrong-way object at most 0.7, a wrong colour
-               about 0 (`baselines` makes these videos; tests hold the floor).
+               factor. Everything is gated by the named objects being there, and halved where they
+               do not move as named: a video of the right background alone scores 0, a static or
+               wrong-way object at most 0.5 (so a model that ignores the motion cannot reach a 0.7
+               goal), a wrong colour about 0 (`baselines` makes these videos; tests hold the floor).
 """
 from __future__ import annotations
 
@@ -264,7 +265,7 @@ def score_video(video: np.ndarray, caption: str) -> dict:
         per["motion"].append(motion)
         per["consistency"].append(p.mean() * steady)
         per["smoothness"].append(p.mean() * straight)
-        per["gated"].append(p.mean() * (0.25 + 0.15 * shape_ok + 0.3 * motion + 0.15 * steady + 0.15 * straight))
+        per["gated"].append(p.mean() * (0.5 + 0.5 * motion) * (0.4 + 0.2 * shape_ok + 0.2 * steady + 0.2 * straight))
     m = {k: float(np.mean(v)) for k, v in per.items()}
     artifact, stray_rate = float(unassigned / (t * h * w)), float(strays / (t * h * w))
     out = {"adherence": 0.8 * m["object"] + 0.2 * background, "consistency": m["consistency"],
