@@ -238,6 +238,25 @@ def test_post_video_continues_an_uploaded_image(server, pipe):
     _assert_frames_equal(got, want, "continued video vs Pipeline.stream(init=)")
 
 
+def test_websocket_stream_continues_an_uploaded_image(server, pipe):
+    """`init` in the start message: the stream continues the image (PNG frames, lossless) exactly
+    as Pipeline.stream(init=) does, and differs from the same seed started from nothing."""
+    cfg = pipe.config
+    img = np.zeros((cfg.height, cfg.width, 3), np.uint8)
+    img[:, cfg.width // 2:] = (0, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    start = dict(type="start", prompt=PROMPTS[1], seed=3, frames=_chunks(pipe, 2), format="png",
+                 init=base64.b64encode(buf.getvalue()).decode())
+    messages, frames, code = ws_stream(server.ws_url, start)
+    assert code == 1000 and messages[-1] == {"type": "end", "reason": "complete"}, messages[-1]
+    got = _png_frames(frames)
+    want = np.concatenate(list(pipe.stream(PROMPTS[1], seed=3, frames=_chunks(pipe, 2), init=img)))
+    _assert_frames_equal(got, want, "WebSocket continuation vs Pipeline.stream(init=)")
+    plain = np.concatenate(list(pipe.stream(PROMPTS[1], seed=3, frames=_chunks(pipe, 2))))
+    assert np.abs(got.astype(int) - plain.astype(int)).max() > 8, "init changed nothing"
+
+
 def test_slow_client_is_dropped_others_unaffected(server, pipe):
     """A client that never reads: the socket buffers fill (a few MB on loopback), then the slot's,
     and after --stall-timeout (2 s here) the slot is freed; a stream beside it completes normally."""
