@@ -114,7 +114,8 @@ class _Slot:
             noise = draw_noise(self.gen, cfg.chunk_shape(1), sigmas, eng.device)  # the solo loop's draws
             x, eps = noise[0], iter(noise[1:])
             for i, sigma in enumerate(sigmas[:-1]):
-                flow = yield _Op(x, cfg.num_train_timesteps * sigma, self.next_chunk * cfg.frames_per_chunk, self._visible(), None)
+                flow = yield _Op(x, cfg.num_train_timesteps * sigma, self.next_chunk * cfg.frames_per_chunk,
+                                 self._visible(), None)
                 x0 = flow_to_x0(x, flow.float(), sigma)
                 if sigmas[i + 1] > 0:
                     x = renoise(x0, next(eps), sigmas[i + 1])
