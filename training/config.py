@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 STAGES = ("teacher", "distill")
 # Fields that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = ("teacher.steps", "distill.steps", "save_every", "log_every", "name", "stage")
+# Learning-rate schedule fields: a change may resume if it leaves every step already taken alone.
+SCHEDULE_FIELDS = ("decay_start", "decay_end", "final_lr_ratio")
 
 
 @dataclass
@@ -31,6 +34,25 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     grad_clip: float = 10.0  # max global grad norm; 0 disables clipping
+    # Warmup-free "stable then decay": lr until step decay_start, then a cosine to
+    # lr * final_lr_ratio at decay_end, flat after. decay_end = 0: constant lr.
+    decay_start: int = 0
+    decay_end: int = 0
+    final_lr_ratio: float = 0.05
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of (0-based) training step `step`."""
+        if self.decay_end <= 0 or step < self.decay_start:
+            return self.lr
+        frac = min(1.0, (step - self.decay_start) / (self.decay_end - self.decay_start))
+        return self.lr * (self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def check(self, where: str) -> None:
+        if self.decay_end and not 0 <= self.decay_start < self.decay_end:
+            raise ConfigError(f"{where}: decay from step {self.decay_start} to {self.decay_end} needs "
+                              f"0 <= decay_start < decay_end (decay_end = 0: constant lr)")
+        if not 0 <= self.final_lr_ratio <= 1:
+            raise ConfigError(f"{where}.final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
 
 
 @dataclass
@@ -153,6 +175,9 @@ class TrainConfig:
             bad(f"distill.score_layout={d.score_layout!r}; valid: 'causal', 'teacher_forcing'")
         if d.ema_start < 0:
             bad(f"distill.ema_start={d.ema_start} must be >= 0")
+        for where, o in (("teacher.optim", self.teacher.optim), ("distill.generator", d.generator),
+                         ("distill.critic", d.critic), ("distill.discriminator", d.discriminator)):
+            o.check(f"training config {self.name!r}: {where}")
 
     # ---- derived ---------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -258,6 +283,41 @@ def _apply_override(d: dict, item: str):
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {p!r} is not a section")
     node[last] = value
+
+
+def optim_configs(d: dict) -> dict[str, OptimConfig]:
+    """The optimizer configs of a config dict (as `TrainConfig.to_dict` writes it; missing keys take
+    their defaults), by dotted prefix."""
+    out = {}
+    for sec, cls in (("teacher", TeacherConfig), ("distill", DistillConfig)):
+        for k in ("optim",) if sec == "teacher" else ("generator", "critic", "discriminator"):
+            base = dataclasses.asdict(getattr(cls(), k))
+            given = {f: v for f, v in d.get(sec, {}).get(k, {}).items() if f in base}
+            out[f"{sec}.{k}"] = _build(OptimConfig, {**base, **given}, f"{sec}.{k}.")
+    return out
+
+
+def resumable_diff(saved: dict, new: dict, step: int) -> list[str]:
+    """Keys that differ between the config a checkpoint was trained with and `new` and that would
+    change what the first `step` steps computed: not totals or logging, and not a learning-rate
+    schedule that gives each of those steps the same rate."""
+    diff = [k for k in config_diff(saved, new) if k not in RESUMABLE_CHANGES]
+    old_o, new_o = optim_configs(saved), optim_configs(new)
+    kept = []
+    for k in diff:
+        prefix, _, last = k.rpartition(".")
+        if last in SCHEDULE_FIELDS and prefix in new_o:
+            a, b = old_o[prefix], new_o[prefix]
+            if all(a.lr_at(s) == b.lr_at(s) for s in _schedule_probe(a, b, step)):
+                continue
+        kept.append(k)
+    return kept
+
+
+def _schedule_probe(a: OptimConfig, b: OptimConfig, step: int) -> range | list[int]:
+    """Steps < `step` at which two schedules may differ (both are constant before their decay)."""
+    first = min(x.decay_start if x.decay_end else step for x in (a, b))
+    return range(first, step)
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

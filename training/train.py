@@ -37,7 +37,7 @@ from asd_deploy.config import ModelConfig
 from asd_deploy.model import build_model
 
 from . import distributed as D
-from .config import RESUMABLE_CHANGES, TrainConfig, config_diff
+from .config import TrainConfig, resumable_diff
 from .losses import DiscHead, DistillNets, critic_losses, generator_loss, teacher_loss
 from .rollout import FORWARD_METHODS, StepRandom, TrainNet, derive_seed
 
@@ -308,8 +308,15 @@ class Trainer:
             return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def _optim_config(self, name: str):
+        c = self.cfg
+        return c.teacher.optim if self.stage == "teacher" else getattr(c.distill, name)
+
     def _update(self, name: str, params, max_norm: float) -> float:
         norm = D.grad_norm_clip_(params, max_norm)
+        lr = self._optim_config(name).lr_at(self.step)
+        for group in self.opts[name].param_groups:
+            group["lr"] = lr
         self.opts[name].step()
         return norm
 
@@ -324,7 +331,8 @@ class Trainer:
             with self._autocast():
                 loss, lt = teacher_loss(self.generator, latents, context, c.teacher, rnd)
             loss.backward()
-            logs.update(lt, grad_norm=self._update("generator", self.generator.parameters(), c.teacher.optim.grad_clip))
+            logs.update(lt, grad_norm=self._update("generator", self.generator.parameters(), c.teacher.optim.grad_clip),
+                        lr=c.teacher.optim.lr_at(s))
             if self.ema:
                 self.ema.update(self.generator)
             return logs
@@ -384,11 +392,11 @@ class Trainer:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if ckpt.get("stage") != self.stage:
             raise ValueError(f"{path} is a {ckpt.get('stage')!r} checkpoint; expected {self.stage!r}")
-        diff = [k for k in config_diff(json.loads(ckpt["train_config"]), self.cfg.to_dict())
-                if k not in RESUMABLE_CHANGES]
+        diff = resumable_diff(json.loads(ckpt["train_config"]), self.cfg.to_dict(), int(ckpt["step"]))
         if diff:
             raise ValueError(f"--resume with a config that changes {diff} from the one {path} was trained with; "
-                             f"resume with the same config (only steps, save_every, log_every may change)")
+                             f"resume with the same config (only steps, save_every, log_every, and a learning-"
+                             f"rate decay that starts at or after step {ckpt['step']}, may change)")
         return ckpt
 
     def _load_train_state(self, ckpt: dict):
