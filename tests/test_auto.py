@@ -30,6 +30,7 @@ def auto_engine(tmp_path_factory):
     return folder, out, seen
 
 
+@pytest.mark.slow  # builds and times every candidate engine (~50 s)
 def test_fastest_whole_chunk_is_kept(auto_engine):
     folder, out, seen = auto_engine
     assert folder.name.startswith("tiny-s1f4-auto-fp32-") and set(seen) == {"ort-op18", "ort-op23"}
@@ -47,6 +48,7 @@ def test_fastest_whole_chunk_is_kept(auto_engine):
     assert [p.name for p in out.iterdir()] == [folder.name]  # the losers are gone
 
 
+@pytest.mark.slow  # builds and times every candidate engine (~50 s)
 def test_rerun_is_up_to_date(auto_engine):
     folder, out, _ = auto_engine
     logs = []
@@ -57,6 +59,7 @@ def test_rerun_is_up_to_date(auto_engine):
     assert any("up to date" in line for line in logs)
 
 
+@pytest.mark.slow  # builds and times every candidate engine (~50 s)
 def test_generate_with_auto_runs_the_chosen_engine(auto_engine):
     from asd_deploy.pipeline import Pipeline
 
@@ -71,6 +74,7 @@ def test_generate_with_auto_runs_the_chosen_engine(auto_engine):
     assert video.shape == (9, 32, 48, 3)
 
 
+@pytest.mark.slow  # builds and times every candidate engine (~50 s)
 def test_real_timer_times_every_graph(auto_engine):
     folder, _, _ = auto_engine
     t = time_candidates({"x": folder}, load_dit("default").config, 1, repeats=1, warmup=0)
@@ -90,6 +94,7 @@ def test_choose_and_errors(tmp_path):
     assert r.returncode == 2 and "export.build --backend auto" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # builds and times every candidate engine (~50 s)
 def test_auto_refuses_a_plain_engine(auto_engine, tmp_path):
     folder, _, _ = auto_engine
     import shutil

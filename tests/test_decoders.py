@@ -144,6 +144,7 @@ def ort_engines(tmp_path_factory):
             tmp / "tiny_decoder")
 
 
+@pytest.mark.slow  # builds two ORT engines with decoders (~25 s)
 def test_ort_vae_decoder_engine_equals_diffusers_streaming(ort_engines, latents):
     from asd_deploy.backends.manifest import read_manifest
     from asd_deploy.registry import ASSETS
@@ -161,6 +162,7 @@ def test_ort_vae_decoder_engine_equals_diffusers_streaming(ort_engines, latents)
         eng.stream().decode_chunk(latents[:, :, :2])
 
 
+@pytest.mark.slow  # builds two ORT engines with decoders (~25 s)
 def test_ort_tiny_decoder_engine(ort_engines, latents):
     from asd_deploy.backends.manifest import read_manifest
 
@@ -171,6 +173,7 @@ def test_ort_tiny_decoder_engine(ort_engines, latents):
     assert_close(_stream(eng.stream(), latents, [3, 3, 3]), net.stream().decode_chunk(latents), TOL, "ORT tiny")
 
 
+@pytest.mark.slow  # builds two ORT engines with decoders (~25 s)
 def test_pipeline_runs_the_engine_decoder_only_for_its_weights(ort_engines):
     from asd_deploy.pipeline import Pipeline
 

@@ -31,6 +31,7 @@ def _torchrun(out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # two torchrun processes (~13 s)
 def test_fsdp2_two_processes_match_one(tmp_path):
     proc = _torchrun(tmp_path / "fsdp")
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

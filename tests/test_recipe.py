@@ -158,6 +158,31 @@ def test_ablation_cli_writes_table2_with_intervals(micro_run, tmp_path):
     assert "| neither | 1 |" in out.with_suffix(".md").read_text()
 
 
+def test_ablation_decodes_every_row_with_the_tiny_decoder_too(micro_run, tmp_path):
+    """--tiny-decoder: each row has a twin decoded by the tiny decoder from the same latents (the
+    real videos through the VAE's encoder too), with a paired difference per row that is the
+    twin's mean minus the row's."""
+    from asd_deploy.decoders.tiny import TinyDecoder, TinyDecoderConfig
+
+    TinyDecoder(TinyDecoderConfig(channels=(16, 8, 8, 4))).save(tmp_path / "tiny")
+    ckpt = str(micro_run / "distill" / "checkpoint.pt")
+    out = tmp_path / "abl"
+    r = subprocess.run([sys.executable, "-m", "training.ablation", "--vae", str(micro_run / "vae"), "--asd", ckpt,
+                        "--teacher", str(micro_run / "teacher" / "checkpoint.pt"), "--teacher-steps", "2",
+                        "--tiny-decoder", str(tmp_path / "tiny"), "--prompts", "2", "--seeds", "0", "--chunks", "1",
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    rows = {row["name"]: row for row in res["rows"]}
+    twins = [n for n in rows if n.endswith(", tiny decoder")]
+    assert "real videos through the VAE encoder, tiny decoder" in twins
+    assert any(n.startswith("teacher") for n in twins) and sum(n.startswith("ASD") for n in twins) == 4
+    assert len(res["decoder_differences"]) == len(twins)
+    for d in res["decoder_differences"]:
+        assert d["diff"] == pytest.approx(rows[d["b"]]["overall"] - rows[d["a"]]["overall"])
+    assert "Tiny decoder - the VAE's decoder" in out.with_suffix(".md").read_text()
+
+
 def test_vae_training_resumes_exactly(tmp_path):
     """6 steps straight, or a run killed just after writing its state at step 2 and resumed to 6:
     the same weights, bit for bit (crops and bf16 autocast included); a finished run leaves no

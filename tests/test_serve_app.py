@@ -257,6 +257,7 @@ def test_websocket_stream_continues_an_uploaded_image(server, pipe):
     assert np.abs(got.astype(int) - plain.astype(int)).max() > 8, "init changed nothing"
 
 
+@pytest.mark.slow  # waits out a stalled client (~10 s)
 def test_slow_client_is_dropped_others_unaffected(server, pipe):
     """A client that never reads: the socket buffers fill (a few MB on loopback), then the slot's,
     and after --stall-timeout (2 s here) the slot is freed; a stream beside it completes normally."""

@@ -236,7 +236,8 @@ def _engine_pipe(tmp_path_factory, backend, opset, batch):
     return Pipeline.from_pretrained("default", backend=backend, engine=str(eng), batch=batch)
 
 
-@pytest.mark.parametrize("backend,opset", [("ort", 18), pytest.param("aoti", None, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend,opset", [pytest.param("ort", 18, marks=pytest.mark.slow),
+                                           pytest.param("aoti", None, marks=pytest.mark.slow)])  # engine builds
 def test_batched_engine_slots_equal_eager_solo(pipe, tmp_path_factory, backend, opset):
     """A batch-3 engine (per-row positions [3]) serving 2 streams at different frames: each equals
     the eager solo run; and it refuses --max-streams other than its batch."""

@@ -66,6 +66,7 @@ def test_resume_is_bit_for_bit(vae_dir, tmp_path, monkeypatch):
     assert got["history"] == ref["history"]
 
 
+@pytest.mark.slow  # one subprocess per bad input (~12 s)
 def test_cli_errors(vae_dir, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "training.tiny_decoder", "--vae", str(vae_dir), "--out",

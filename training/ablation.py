@@ -4,7 +4,8 @@ at 1 and 2 steps, scored by ToyBench with bootstrap confidence intervals.
 Owns: `sample_teacher` (the teacher at its multi-step setting: `sample_chunks` with an Euler
 schedule and classifier-free guidance), the floor and ceiling rows (real videos, real videos
 through the VAE, and `toybench.baselines`), `evaluate_row` (generate over a fixed prompt set x
-seeds, decode, score every video), `bootstrap_ci` and the paired comparison, and
+seeds, decode, score every video; with `--tiny-decoder`, every row's latents decoded by both
+decoders, paired), `bootstrap_ci` and the paired comparison, and
 `python -m training.ablation`, which writes the table as Markdown and JSON. Does not own the
 scorer (`toybench.py`), the sampler (`asd_deploy.generator`) or training.
 
@@ -103,20 +104,42 @@ def _summarise(name: str, per_video: list[dict], seconds: float) -> dict:
     return row
 
 
-def evaluate_row(name: str, samplers: list, vae: VideoVAE, contexts: torch.Tensor, prompts: list[str],
-                 seeds: list[int]) -> dict:
-    """`samplers[r](context [1, L, D], seed) -> latents` for each training run r; decode and score
-    every (run, prompt, seed) video."""
-    per_video, t0 = [], time.perf_counter()
+TINY_SUFFIX = ", tiny decoder"
+
+
+def decoders_for(vae: VideoVAE, tiny=None) -> dict:
+    """Name suffix -> decode(latents) -> video in [-1, 1]: the VAE's decoder, and the tiny decoder
+    on the same latents when one is given."""
+    out = {"": vae.decode}
+    if tiny is not None:
+        out[TINY_SUFFIX] = lambda z: tiny.first(z.to(tiny.dtype))[0]
+    return out
+
+
+def evaluate_rows(name: str, samplers: list, decoders: dict, contexts: torch.Tensor, prompts: list[str],
+                  seeds: list[int]) -> list[dict]:
+    """`samplers[r](context [1, L, D], seed) -> latents` for each training run r; each video's
+    latents decoded by every decoder (one row each, `name` + the decoder's suffix) and scored."""
+    per_video = {k: [] for k in decoders}
+    t0 = time.perf_counter()
     for r, sample in enumerate(samplers):
         for i, prompt in enumerate(prompts):
             for seed in seeds:
-                video = to_uint8_frames(vae.decode(sample(contexts[i:i + 1], seed)))
-                per_video.append({"prompt": prompt, "seed": seed, "run": r, **toybench.score_video(video, prompt)})
-    return _summarise(name, per_video, time.perf_counter() - t0)
+                latents = sample(contexts[i:i + 1], seed)
+                for k, decode in decoders.items():
+                    video = to_uint8_frames(decode(latents))
+                    per_video[k].append({"prompt": prompt, "seed": seed, "run": r,
+                                         **toybench.score_video(video, prompt)})
+    return [_summarise(name + k, rows, time.perf_counter() - t0) for k, rows in per_video.items()]
 
 
-def reference_rows(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int, seed: int = 4321) -> list[dict]:
+def evaluate_row(name: str, samplers: list, vae: VideoVAE, contexts: torch.Tensor, prompts: list[str],
+                 seeds: list[int]) -> dict:
+    return evaluate_rows(name, samplers, decoders_for(vae), contexts, prompts, seeds)[0]
+
+
+def reference_rows(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int, seed: int = 4321,
+                   tiny=None) -> list[dict]:
     """Floor and ceiling: real procedural videos (the same grammar as the prompts), as rendered
     and through the VAE, and ToyBench's baselines (background only, a held frame, a wrong
     colour, a wrong direction), each scored against the real caption."""
@@ -127,8 +150,11 @@ def reference_rows(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int
     for i in range(num):
         item = ds[i]
         x = torch.from_numpy(item["video"]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        z = vae.encode(x)
         videos = {"real videos": item["video"],
-                  "real videos through the VAE (ceiling)": to_uint8_frames(vae.decode(vae.encode(x))),
+                  "real videos through the VAE (ceiling)": to_uint8_frames(vae.decode(z)),
+                  **({f"real videos through the VAE encoder{TINY_SUFFIX}": to_uint8_frames(
+                      decoders_for(vae, tiny)[TINY_SUFFIX](z))} if tiny is not None else {}),
                   **{f"baseline: {k}": v for k, v in toybench.baselines(item).items()}}
         for name, video in videos.items():
             per.setdefault(name, []).append({"prompt": item["caption"], "seed": 0, "run": 0,
@@ -142,18 +168,23 @@ ROWS = {  # the paper's Table 2 names: (arm, FFE)
 
 def run(teacher: Path | None, students: dict[str, list[Path]], vae: Path, config: ModelConfig, num_prompts: int = 32,
         seeds=(0, 1), num_chunks: int = 3, teacher_steps: int = 20, guidance: float = 3.0,
-        text_encoder: str = "default", step_counts=(1, 2), log=print) -> dict:
+        text_encoder: str = "default", step_counts=(1, 2), log=print, tiny_decoder: Path | None = None) -> dict:
     prompts = eval_prompts(num_prompts)
     enc = load_text_encoder(text_encoder, config.text_len)
     contexts = enc.encode(prompts).float().cpu()
     vae_ = VideoVAE.from_pretrained(vae)
-    rows = reference_rows(vae_, config, num_prompts, num_chunks)
+    tiny = None
+    if tiny_decoder is not None:
+        from asd_deploy.decoders.tiny import TinyDecoder
+        tiny = TinyDecoder.from_pretrained(tiny_decoder)
+    decoders = decoders_for(vae_, tiny)
+    rows = reference_rows(vae_, config, num_prompts, num_chunks, tiny=tiny)
     for r in rows:
         log(f"{r['name']}: {r['overall']:.3f}")
     if teacher is not None:
         t_model = EagerStep(load_checkpoint(teacher, config, prefer="generator_ema"))
-        rows.append(evaluate_row(f"teacher ({teacher_steps} steps, CFG {guidance})", [lambda c, s: sample_teacher(
-            t_model, c, num_chunks, teacher_steps, guidance, seed=s)], vae_, contexts, prompts, list(seeds)))
+        rows += evaluate_rows(f"teacher ({teacher_steps} steps, CFG {guidance})", [lambda c, s: sample_teacher(
+            t_model, c, num_chunks, teacher_steps, guidance, seed=s)], decoders, contexts, prompts, list(seeds))
         log(f"{rows[-1]['name']}: {rows[-1]['overall']:.3f}")
     table2 = {}
     for arm, paths in students.items():
@@ -161,18 +192,26 @@ def run(teacher: Path | None, students: dict[str, list[Path]], vae: Path, config
         for steps in step_counts:
             for ffe in (False, True):
                 sched = Schedule(steps=steps, ffe=ffe)
-                row = evaluate_row(f"{arm}, {sched.describe()}", [student_sampler(m, sched, num_chunks) for m in models],
-                                   vae_, contexts, prompts, list(seeds))
-                rows.append(row)
+                row, *others = evaluate_rows(f"{arm}, {sched.describe()}", [student_sampler(m, sched, num_chunks)
+                                                                           for m in models],
+                                             decoders, contexts, prompts, list(seeds))
+                rows += [row, *others]
                 table2[(arm, steps, ffe)] = row
                 log(f"{row['name']}: {row['overall']:.3f} [{row['overall_lo']:.3f}, {row['overall_hi']:.3f}]")
+    by_name = {r["name"]: r for r in rows}
+    decoder_diffs = [paired_difference(by_name[r["name"].removesuffix(TINY_SUFFIX)], r) for r in rows
+                     if r["name"].endswith(TINY_SUFFIX) and r["name"].removesuffix(TINY_SUFFIX) in by_name]
+    ceiling = "real videos through the VAE (ceiling)"
+    if f"real videos through the VAE encoder{TINY_SUFFIX}" in by_name:
+        decoder_diffs.insert(0, paired_difference(by_name[ceiling], by_name[f"real videos through the VAE encoder"
+                                                                                f"{TINY_SUFFIX}"]))
     diffs = []
     if {"DMD only", "ASD"} <= set(students):
         for steps in step_counts:
             for ffe in (False, True):
                 d = paired_difference(table2[("DMD only", steps, ffe)], table2[("ASD", steps, ffe)])
                 diffs.append({**d, "steps": steps, "ffe": ffe})
-    return {"rows": rows, "differences": diffs, "table2": [
+    return {"rows": rows, "differences": diffs, "decoder_differences": decoder_diffs, "table2": [
         {"row": label, "steps": steps, "overall": table2[(arm, steps, ffe)]["overall"],
          "lo": table2[(arm, steps, ffe)]["overall_lo"], "hi": table2[(arm, steps, ffe)]["overall_hi"]}
         for steps in step_counts for label, (arm, ffe) in ROWS.items() if (arm, steps, ffe) in table2]}
@@ -198,6 +237,11 @@ def to_markdown(result: dict, meta: dict) -> str:
                   "| steps | FFE | difference in overall [95% CI] |", "|---|---|---|"]
         lines += [f"| {d['steps']} | {'yes' if d['ffe'] else 'no'} | {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] |"
                   for d in result["differences"]]
+    if result.get("decoder_differences"):
+        lines += ["", "Tiny decoder - the VAE's decoder, paired (the same latents decoded by both):", "",
+                  "| latents | difference in overall [95% CI] |", "|---|---|"]
+        lines += [f"| {d['a']} | {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] |"
+                  for d in result["decoder_differences"]]
     return "\n".join(lines) + "\n"
 
 
@@ -229,6 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=positive_int, default=3)
     p.add_argument("--teacher-steps", type=positive_int, default=20, help="Euler steps of the teacher's sampler")
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--tiny-decoder", default=None,
+                   help="tiny decoder folder: every row is also decoded by it, with its paired difference")
     p.add_argument("--out", default="training/reports/ablation", help="writes OUT.md and OUT.json")
     a = p.parse_args(argv)
     for path in [a.teacher, *a.dmd, *a.asd]:
@@ -241,10 +287,12 @@ def _main(a) -> int:
     students = {k: [Path(v) for v in vs] for k, vs in (("DMD only", a.dmd), ("ASD", a.asd)) if vs}
     result = run(Path(a.teacher) if a.teacher else None, students, Path(a.vae),
                  model_config([a.teacher, *a.dmd, *a.asd], a.config),
-                 a.prompts, a.seeds, a.chunks, a.teacher_steps, a.guidance)
+                 a.prompts, a.seeds, a.chunks, a.teacher_steps, a.guidance,
+                 tiny_decoder=Path(a.tiny_decoder) if a.tiny_decoder else None)
     out = Path(a.out)
     meta = {"prompts": a.prompts, "seeds": a.seeds, "chunks": a.chunks, "config": a.config, "vae": a.vae,
-            "checkpoints": {"teacher": a.teacher, "dmd": a.dmd, "asd": a.asd}, "bootstrap_draws": BOOTSTRAP}
+            "checkpoints": {"teacher": a.teacher, "dmd": a.dmd, "asd": a.asd}, "tiny_decoder": a.tiny_decoder,
+            "bootstrap_draws": BOOTSTRAP}
     atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**result, **meta}, indent=1)))
     md = to_markdown(result, meta)
     atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))
