@@ -105,6 +105,7 @@ def _summarise(name: str, per_video: list[dict], seconds: float) -> dict:
 
 
 TINY_SUFFIX = ", tiny decoder"
+CEILING_ROW, ENCODER_ROW = "real videos through the VAE (ceiling)", "real videos through the VAE encoder"
 
 
 def decoders_for(vae: VideoVAE, tiny=None) -> dict:
@@ -139,7 +140,7 @@ def evaluate_row(name: str, samplers: list, vae: VideoVAE, contexts: torch.Tenso
 
 
 def reference_rows(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int, seed: int = 4321,
-                   tiny=None) -> list[dict]:
+                   decoders: dict | None = None) -> list[dict]:
     """Floor and ceiling: real procedural videos (the same grammar as the prompts), as rendered
     and through the VAE, and ToyBench's baselines (background only, a held frame, a wrong
     colour, a wrong direction), each scored against the real caption."""
@@ -152,9 +153,8 @@ def reference_rows(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int
         x = torch.from_numpy(item["video"]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         z = vae.encode(x)
         videos = {"real videos": item["video"],
-                  "real videos through the VAE (ceiling)": to_uint8_frames(vae.decode(z)),
-                  **({f"real videos through the VAE encoder{TINY_SUFFIX}": to_uint8_frames(
-                      decoders_for(vae, tiny)[TINY_SUFFIX](z))} if tiny is not None else {}),
+                  CEILING_ROW: to_uint8_frames(vae.decode(z)),
+                  **{f"{ENCODER_ROW}{k}": to_uint8_frames(decode(z)) for k, decode in (decoders or {}).items() if k},
                   **{f"baseline: {k}": v for k, v in toybench.baselines(item).items()}}
         for name, video in videos.items():
             per.setdefault(name, []).append({"prompt": item["caption"], "seed": 0, "run": 0,
@@ -178,7 +178,7 @@ def run(teacher: Path | None, students: dict[str, list[Path]], vae: Path, config
         from asd_deploy.decoders.tiny import TinyDecoder
         tiny = TinyDecoder.from_pretrained(tiny_decoder)
     decoders = decoders_for(vae_, tiny)
-    rows = reference_rows(vae_, config, num_prompts, num_chunks, tiny=tiny)
+    rows = reference_rows(vae_, config, num_prompts, num_chunks, decoders=decoders)
     for r in rows:
         log(f"{r['name']}: {r['overall']:.3f}")
     if teacher is not None:
@@ -199,12 +199,9 @@ def run(teacher: Path | None, students: dict[str, list[Path]], vae: Path, config
                 table2[(arm, steps, ffe)] = row
                 log(f"{row['name']}: {row['overall']:.3f} [{row['overall_lo']:.3f}, {row['overall_hi']:.3f}]")
     by_name = {r["name"]: r for r in rows}
-    decoder_diffs = [paired_difference(by_name[r["name"].removesuffix(TINY_SUFFIX)], r) for r in rows
-                     if r["name"].endswith(TINY_SUFFIX) and r["name"].removesuffix(TINY_SUFFIX) in by_name]
-    ceiling = "real videos through the VAE (ceiling)"
-    if f"real videos through the VAE encoder{TINY_SUFFIX}" in by_name:
-        decoder_diffs.insert(0, paired_difference(by_name[ceiling], by_name[f"real videos through the VAE encoder"
-                                                                                f"{TINY_SUFFIX}"]))
+    twin_of = {f"{ENCODER_ROW}{TINY_SUFFIX}": CEILING_ROW}  # the one twin not named row + suffix
+    decoder_diffs = [paired_difference(by_name[twin_of.get(r["name"], r["name"].removesuffix(TINY_SUFFIX))], r)
+                     for r in rows if r["name"].endswith(TINY_SUFFIX)]
     diffs = []
     if {"DMD only", "ASD"} <= set(students):
         for steps in step_counts:

@@ -314,7 +314,7 @@ def resumable_diff(saved: dict, new: dict, step: int) -> list[str]:
     return kept
 
 
-def _schedule_probe(a: OptimConfig, b: OptimConfig, step: int) -> range | list[int]:
+def _schedule_probe(a: OptimConfig, b: OptimConfig, step: int) -> range:
     """Steps < `step` at which two schedules may differ (both are constant before their decay)."""
     first = min(x.decay_start if x.decay_end else step for x in (a, b))
     return range(first, step)
