@@ -71,7 +71,7 @@ def test_generate_with_auto_runs_the_chosen_engine(auto_engine):
     pipe = Pipeline.from_pretrained("default", backend="auto", engine=str(folder))
     assert pipe.info["backend"] == "auto (ort-op18)" and pipe.info["decoder"] == "vae (ort engine)"
     video, _ = pipe("a red circle moving right", frames=9)
-    assert video.shape == (9, 32, 48, 3)
+    assert video.shape == (9, pipe.config.height, pipe.config.width, 3)
 
 
 @pytest.mark.slow  # builds and times every candidate engine (~50 s)

@@ -182,12 +182,14 @@ def test_cli_entry_point_writes_a_real_mp4_and_sheet(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # no progress bar with --quiet, no third-party advice
     frames, fps = read_mp4(out)
-    assert frames.shape == (21, 32, 48, 3) and fps == 16
+    from asd_deploy.registry import default_config
+    cfg = default_config()
+    assert frames.shape == (21, cfg.height, cfg.width, 3) and fps == 16
     from imageio.v2 import imread
     assert imread(sheet).shape[2] == 3 and open(sheet, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     from asd_deploy.registry import default_is_trained
     assert default_is_trained() and "RANDOM weights" not in r.stderr  # the shipped default is trained
-    assert "21 frames 48x32" in r.stdout and "1-step + FFE (4 steps on chunk 0), seed 3" in r.stdout
+    assert f"21 frames {cfg.width}x{cfg.height}" in r.stdout and "1-step + FFE (4 steps on chunk 0), seed 3" in r.stdout
 
 
 def test_cli_video_is_the_api_video(tmp_path, capsys, pipe):

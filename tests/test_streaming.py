@@ -130,7 +130,8 @@ def test_streamed_mp4_equals_one_shot(tmp_path, pipes):
             w.append(c)
     a, fa = read_mp4(tmp_path / "one.mp4")
     b, fb = read_mp4(tmp_path / "streamed.mp4")
-    assert a.shape == (33, 32, 48, 3) and np.array_equal(a, b) and fa == fb == 16
+    cfg = pipes[0].config
+    assert a.shape == (33, cfg.height, cfg.width, 3) and np.array_equal(a, b) and fa == fb == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "streamed.mp4"]  # no temp files left
 
 

@@ -43,7 +43,8 @@ def test_trains_loads_and_reports(vae_dir, tmp_path):
     assert not (tmp_path / "td.state.pt").exists()
     from asd_deploy.pipeline import Pipeline
     pipe = Pipeline.from_pretrained("default", vae=str(vae_dir), decoder="tiny", tiny_decoder=str(out))
-    assert pipe.info["decoder"] == "tiny" and pipe("a red circle moving right", frames=9)[0].shape == (9, 32, 48, 3)
+    assert pipe.info["decoder"] == "tiny" and pipe("a red circle moving right", frames=9)[0].shape == \
+        (9, pipe.config.height, pipe.config.width, 3)
 
 
 def test_resume_is_bit_for_bit(vae_dir, tmp_path, monkeypatch):

@@ -336,6 +336,19 @@ def test_resume_continues_identically(tmp_path, stage):
     assert sorted(p.name for p in b.glob("train_state_*.pt")) == ["train_state_00000004.pt"]
 
 
+def test_log_lines_carry_the_generator_and_discriminator_values(tmp_path):
+    """With log_every 4 and the generator / D updated every 2nd / 3rd step, no logged step is one
+    of their updates; each line still carries their latest values from its window (none from an
+    earlier window), so a run's DMD, ASD and D losses can be read from its log."""
+    main(["--recipe", "micro", "--stage", "distill", "--quiet", "--set", 'distill.teacher="random"',
+          "--set", "log_every=4", "--set", "distill.disc_ratio=3", "--out", str(tmp_path), "--max-steps", "8"])
+    log = _log(tmp_path / "distill" / "log.jsonl")
+    assert [e["step"] for e in log] == [3, 7]
+    for e in log:
+        assert {"loss_critic", "loss_dmd", "loss_asd", "loss_disc"} <= set(e)
+    assert log[0]["loss_dmd"] != log[1]["loss_dmd"]  # step 2's, then step 6's generator update
+
+
 def test_distill_options_resume_identically_and_delay_the_ema(tmp_path):
     """The teacher-forcing score layout, a per-token D on two blocks, one exit per video and an
     EMA that starts at the 2nd generator update: resumable exactly; the EMA is absent before it

@@ -15,7 +15,9 @@ Output, per stage, under OUT/<stage>/:
                              loadable by asd_deploy.checkpoint.load_checkpoint; extra keys: step,
                              stage, discriminator, model_config, train_config, state_file
     train_state_<step>.pt    optimizer states + RNG state (resume only; plain tensors/containers)
-    log.jsonl                one line per logged step
+    log.jsonl                one line per logged step: its values, and for what it did not update (the
+                             generator every critic_ratio steps, D every disc_ratio) the latest value
+                             since the previous line
     config.json              {"model": ModelConfig, "train": TrainConfig}
 A step's randomness is a function of (seed, step) and the data order of (seed, position), so
 `--resume` from a checkpoint continues exactly as the uninterrupted run would have.
@@ -432,6 +434,7 @@ class Trainer:
 
         log = self._prepare_log()
         history = []
+        window: dict = {}  # every key's latest value since the last log line
         bar = tqdm(total=total_steps, initial=self.step, desc=self.stage, disable=not self.progress,
                    dynamic_ncols=True)
         while self.step < total_steps:
@@ -440,10 +443,13 @@ class Trainer:
             logs = D.mean_across_ranks({k: float(v) for k, v in logs.items()}, self.info)
             entry = {"step": self.step, "stage": self.stage, **logs, "time_s": time.perf_counter() - t0}
             history.append(entry)
+            window.update(logs)
             self.step += 1
-            if self.info.is_main and (self.step % self.cfg.log_every == 0 or self.step == total_steps):
-                with log.open("a") as f:
-                    f.write(json.dumps(entry) + "\n")
+            if self.step % self.cfg.log_every == 0 or self.step == total_steps:
+                if self.info.is_main:  # the generator / discriminator values of their last update too
+                    with log.open("a") as f:
+                        f.write(json.dumps({**entry, **{k: v for k, v in window.items() if k not in logs}}) + "\n")
+                window = {}
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
             if self.step % self.cfg.save_every == 0 or self.step == total_steps:
