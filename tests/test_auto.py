@@ -33,7 +33,7 @@ def auto_engine(tmp_path_factory):
 @pytest.mark.slow  # builds and times every candidate engine (~50 s)
 def test_fastest_whole_chunk_is_kept(auto_engine):
     folder, out, seen = auto_engine
-    assert folder.name.startswith("tiny-s1f4-auto-fp32-") and set(seen) == {"ort-op18", "ort-op23"}
+    assert folder.name.startswith(f"{load_dit('default').config.name}-s1f4-auto-fp32-") and set(seen) == {"ort-op18", "ort-op23"}
     m = read_manifest(folder)
     a = m["auto"]
     assert a["chosen"] == "ort-op18" and m["backend"] == "ort" and m["opset"] == 18

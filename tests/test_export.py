@@ -194,8 +194,8 @@ def test_rebuild_hint_fixes_a_damaged_renamed_engine(engines, loaded, tmp_path):
 
 def test_build_cli_end_to_end_on_default_model(tmp_path, loaded):
     from asd_deploy.backends.manifest import engine_dir_name
-    folder = tmp_path / engine_dir_name("tiny", 1, True, 4, "ort", "fp32", 18, 1, loaded.weights_hash)
-    assert folder.name == f"tiny-s1f4-ort-fp32-op18-{loaded.weights_hash[:8]}"
+    folder = tmp_path / engine_dir_name(loaded.config.name, 1, True, 4, "ort", "fp32", 18, 1, loaded.weights_hash)
+    assert folder.name == f"{loaded.config.name}-s1f4-ort-fp32-op18-{loaded.weights_hash[:8]}"
     (folder / ".step.onnx.tmp.killed").mkdir(parents=True)  # what a build killed mid-write leaves
     r = subprocess.run([sys.executable, "-m", "export.build", "--steps", "1", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
@@ -224,5 +224,6 @@ def test_decoder_engine_equals_diffusers_streaming(key, engines):
     eng = EngineDecodeNet(folder, m).stream()
     ref = VideoVAE.from_pretrained(ASSETS / "vae").stream_decoder()
     g = torch.Generator().manual_seed(7)
-    for c in torch.randn(1, 16, 12, 4, 6, generator=g).split(3, dim=2):
+    cfg = ModelConfig.from_dict(m["model"]["config"])
+    for c in torch.randn(1, 16, 12, cfg.latent_height, cfg.latent_width, generator=g).split(3, dim=2):
         assert_close(eng.decode_chunk(c), ref.decode_chunk(c), 1e-4, f"{key} decoder engine chunk")

@@ -265,11 +265,13 @@ def test_cli_decode_refuses_bad_latents(tmp_path, capsys):
         def __reduce__(self):
             return (os.system, ("touch /tmp/asd_deploy_pwned_decode",))
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    lat = torch.zeros(1, 16, 3, 4, 6)
+    from asd_deploy.registry import default_config
+    cfg = default_config()
+    lat = torch.zeros(1, 16, 3, cfg.latent_height, cfg.latent_width)
     lat[0, 0, 0, 0, 0] = float("nan")
     np.save(tmp_path / "nan.npy", lat.numpy())
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    np.save(tmp_path / "int.npy", np.zeros((1, 16, 3, 4, 6), np.int64))
+    np.save(tmp_path / "int.npy", np.zeros((1, 16, 3, cfg.latent_height, cfg.latent_width), np.int64))
     with open(tmp_path / "pickle.pt", "wb") as f:
         pickle.dump([1, 2], f, protocol=2)     # a plain pickle, not a torch file
     torch.save([1.0, 2.0], tmp_path / "list.pt")

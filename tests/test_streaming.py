@@ -161,6 +161,6 @@ def test_sheet_sampler_is_bounded_and_even():
 
 def test_cli_tiny_decoder_missing_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "asd_deploy", "generate", "--decoder", "tiny", "--frames", "9",
-                        "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=300)
+                        "--tiny-decoder", str(tmp_path / "absent"), "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "training.tiny_decoder" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.mp4").exists()
