@@ -182,12 +182,11 @@ def test_cli_entry_point_writes_a_real_mp4_and_sheet(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # no progress bar with --quiet, no third-party advice
     frames, fps = read_mp4(out)
-    from asd_deploy.registry import default_config
+    from asd_deploy.registry import default_config, default_is_trained
     cfg = default_config()
     assert frames.shape == (21, cfg.height, cfg.width, 3) and fps == 16
     from imageio.v2 import imread
     assert imread(sheet).shape[2] == 3 and open(sheet, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    from asd_deploy.registry import default_is_trained
     assert default_is_trained() and "RANDOM weights" not in r.stderr  # the shipped default is trained
     assert f"21 frames {cfg.width}x{cfg.height}" in r.stdout and "1-step + FFE (4 steps on chunk 0), seed 3" in r.stdout
 

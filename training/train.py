@@ -448,7 +448,7 @@ class Trainer:
             if self.step % self.cfg.log_every == 0 or self.step == total_steps:
                 if self.info.is_main:  # the generator / discriminator values of their last update too
                     with log.open("a") as f:
-                        f.write(json.dumps({**entry, **{k: v for k, v in window.items() if k not in logs}}) + "\n")
+                        f.write(json.dumps({**entry, **window}) + "\n")
                 window = {}
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
