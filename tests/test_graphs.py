@@ -1,5 +1,6 @@
 """The CUDA-graph runner's plumbing, driven through a CPU stand-in with graph semantics, plus
 the real CUDA path (skipped without a GPU: it has not run in this project's CI)."""
+import contextlib
 import pytest
 import torch
 
@@ -137,3 +138,30 @@ def test_cuda_graph_api_says_what_is_missing():
         CudaGraphAPI()
 
 
+
+
+def test_cuda_graph_capture_lets_other_threads_work(monkeypatch):
+    """The pipelined stream captures on the DiT's thread while the decoder's thread runs CUDA work:
+    in the default ("global") capture mode that other thread's syncs abort the capture (seen on an
+    H200: cudaErrorStreamCaptureUnsupported). The capture must be thread_local."""
+    seen = {}
+
+    class FakeGraph:
+        def pool(self):
+            return "pool"
+
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def fake_graph(g, pool=None, capture_error_mode="global", **kw):
+        seen["mode"] = capture_error_mode
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    api = CudaGraphAPI.__new__(CudaGraphAPI)
+    api.captures, api.replays, api.pool = 0, 0, None
+    outs, replay = api.capture(lambda: "out", torch.device("cuda", 0))
+    assert (outs, seen["mode"], api.captures) == ("out", "thread_local", 1)

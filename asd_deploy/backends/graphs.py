@@ -101,7 +101,11 @@ class CudaGraphAPI:
     def capture(self, fn, device):
         with torch.cuda.device(device):
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            # thread_local: a capture on the pipeline's DiT thread must not fail because the
+            # decoder's thread syncs or allocates meanwhile (the default "global" mode makes every
+            # thread's unsafe call an error: seen on an H200, cudaErrorStreamCaptureUnsupported);
+            # unsafe calls on the capturing thread itself still fail the capture
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
                 outs = fn()
         # shared pool: safe because no tensor allocated inside one graph is read outside it or
         # by another graph, except static outputs kept alive here (the pool never reuses those)
