@@ -28,6 +28,16 @@ def latents():
     return torch.randn(1, 16, 9, 4, 6, generator=g)  # 3 chunks of 3 latent frames -> 33 pixel frames
 
 
+@pytest.fixture(scope="module")
+def engine_latents():
+    """Latents at the default model's size: what its engines' decoders take (static shapes)."""
+    from asd_deploy.registry import default_config
+
+    cfg = default_config()
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(1, cfg.in_channels, 9, cfg.latent_height, cfg.latent_width, generator=g)
+
+
 def _stream(dec, latents, split):
     return torch.cat([dec.decode_chunk(c) for c in latents.split(split, dim=2)], dim=2)
 
@@ -145,7 +155,7 @@ def ort_engines(tmp_path_factory):
 
 
 @pytest.mark.slow  # builds two ORT engines with decoders (~25 s)
-def test_ort_vae_decoder_engine_equals_diffusers_streaming(ort_engines, latents):
+def test_ort_vae_decoder_engine_equals_diffusers_streaming(ort_engines, engine_latents):
     from asd_deploy.backends.manifest import read_manifest
     from asd_deploy.registry import ASSETS
 
@@ -156,21 +166,21 @@ def test_ort_vae_decoder_engine_equals_diffusers_streaming(ort_engines, latents)
     vae = VideoVAE.from_pretrained(ASSETS / "vae")
     assert m["decoder"]["weights_hash"] == decoder_hash(VaeDecodeNet(vae))
     eng = EngineDecodeNet(folder, m)
-    assert_close(_stream(eng.stream(), latents, [3, 3, 3]), _stream(vae.stream_decoder(), latents, [3, 3, 3]),
+    assert_close(_stream(eng.stream(), engine_latents, [3, 3, 3]), _stream(vae.stream_decoder(), engine_latents, [3, 3, 3]),
                  TOL, "ORT VAE decoder engine vs diffusers streaming")
     with pytest.raises(ValueError, match="static shapes"):
-        eng.stream().decode_chunk(latents[:, :, :2])
+        eng.stream().decode_chunk(engine_latents[:, :, :2])
 
 
 @pytest.mark.slow  # builds two ORT engines with decoders (~25 s)
-def test_ort_tiny_decoder_engine(ort_engines, latents):
+def test_ort_tiny_decoder_engine(ort_engines, engine_latents):
     from asd_deploy.backends.manifest import read_manifest
 
     folder, td = ort_engines[1], ort_engines[2]
     eng = EngineDecodeNet(folder, read_manifest(folder))
     assert eng.name == "tiny (ort engine)"
     net = TinyDecoder.from_pretrained(td)
-    assert_close(_stream(eng.stream(), latents, [3, 3, 3]), net.stream().decode_chunk(latents), TOL, "ORT tiny")
+    assert_close(_stream(eng.stream(), engine_latents, [3, 3, 3]), net.stream().decode_chunk(engine_latents), TOL, "ORT tiny")
 
 
 @pytest.mark.slow  # builds two ORT engines with decoders (~25 s)

@@ -19,7 +19,7 @@ from asd_deploy.registry import load_dit
 from asd_deploy.schedule import Schedule
 from export.build import build
 
-from conftest import assert_close, rand_context
+from conftest import assert_close, rand_context, video_tol
 
 pytestmark = pytest.mark.slow
 ENGINES = [("ort", 18), ("ort", 23), ("aoti", None)]
@@ -43,8 +43,9 @@ def _video(step, ctx, **kw):
 
 @pytest.mark.parametrize("key", ENGINES + [("compile", None)], ids=lambda k: f"{k[0]}{k[1] or ''}")
 def test_backend_matches_eager(key, engines, loaded):
-    """Chunk step and whole videos (1-step, 2-step + FFE, 5 chunks through the rolling window)
-    against eager at fp32, max abs error <= 1e-4."""
+    """Chunk step against eager at fp32 within 1e-4; whole videos (1-step, 2-step + FFE, 5 chunks
+    through the rolling window) within fp32's own error over that video (`video_tol`: never
+    below 1e-4)."""
     name, _ = key
     step = make_backend(name, loaded) if name == "compile" else make_backend(name, loaded, engine=engines[0][key])
     eager = EagerStep(loaded.model)
@@ -62,7 +63,8 @@ def test_backend_matches_eager(key, engines, loaded):
         assert_close(a, b, 1e-4, f"{name} chunk step {what}")
     for sched in (Schedule(steps=1), Schedule(steps=2, ffe=True)):
         assert_close(_video(step, ctx, num_chunks=5, schedule=sched, seed=3),
-                     _video(eager, ctx, num_chunks=5, schedule=sched, seed=3), 1e-4, f"{name} {sched.describe()} video")
+                     _video(eager, ctx, num_chunks=5, schedule=sched, seed=3), video_tol(sched),
+                     f"{name} {sched.describe()} video")
 
 
 def test_exported_graph_depends_on_cache_input(engines):

@@ -90,16 +90,17 @@ def test_readme_picture_is_command_1s_sheet(shipped, tmp_path):
     assert diff.mean() < 0.1 and diff.max() <= 8, (diff.mean(), diff.max())
 
 
-def test_shipped_default_shows_its_background(shipped_checks):
+def test_shipped_default_shows_its_background_and_colour(shipped_checks):
     """The README's prompts x 2 seeds, read by the independent checker: the named background in
-    every video (the committed training/reports/prompt_check.md has 4 seeds)."""
+    every video, the named colour in most (0.75 here, 0.75 over the 4 seeds of the committed
+    training/reports/prompt_check.md; the previous dim-64 default had 0.00)."""
     rate = {k: np.mean([c[k] for c in shipped_checks]) for k in WORDS}
-    assert rate["background"] == 1.0, rate
+    assert rate["background"] == 1.0 and rate["color"] >= 0.6, rate
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 goal not met: the shipped dim-64 student paints the background "
-                                       "and blobs of other colours (colour 0.00, shape 0.25, direction 0.09 over "
-                                       "4 seeds); the trained 64x96 student is not shipped yet")
+@pytest.mark.xfail(strict=True, reason="issue 17 goal not met: the shipped 64x96 DMD-only student gets background "
+                                       "and colour right but rarely the shape and almost never the direction "
+                                       "(shape 0.34, direction 0.09 over 4 seeds): the teacher never learnt motion")
 def test_shipped_default_shows_its_colour_shape_and_direction(shipped_checks):
     rate = {k: np.mean([c[k] for c in shipped_checks]) for k in WORDS}
     assert min(rate["color"], rate["shape"], rate["direction"]) >= 0.75, rate

@@ -23,9 +23,29 @@ def vae_dir(tmp_path_factory):
     return d
 
 
-def test_trains_loads_and_reports(vae_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_model_dir(vae_dir):
+    """A model folder at the tiny geometry (random DiT, the tiny VAE): what the recipe samples
+    generated latents from at toy size (the embedded default is 64x96)."""
+    from safetensors.torch import save_file
+
+    from asd_deploy.config import ModelConfig
+    from asd_deploy.model import build_model
+
+    cfg = ModelConfig.preset("tiny")
+    d = vae_dir.parent / "model"
+    (d / "vae").mkdir(parents=True)
+    for f in vae_dir.iterdir():
+        (d / "vae" / f.name).write_bytes(f.read_bytes())
+    save_file({k: v.contiguous() for k, v in build_model(cfg, seed=0).state_dict().items()}, str(d / "dit.safetensors"))
+    (d / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "text_encoder": "default",
+                                               "checkpoint": "dit.safetensors", "fps": 16}))
+    return d
+
+
+def test_trains_loads_and_reports(vae_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "td"
-    r = train_tiny_decoder(out, vae_dir, steps=60, generated=2, model="default", toybench_prompts=1, **KW)
+    r = train_tiny_decoder(out, vae_dir, steps=60, generated=2, model=str(tiny_model_dir), toybench_prompts=1, **KW)
     assert r["history"][-1]["loss"] < 0.8 * r["history"][0]["loss"], r["history"]
     net = TinyDecoder.from_pretrained(out)
     assert json.loads((out / "train_report.json").read_text())["steps"] == 60
@@ -42,7 +62,7 @@ def test_trains_loads_and_reports(vae_dir, tmp_path):
     assert tb["overall_diff"] == pytest.approx(tb["tiny"]["overall"] - tb["vae"]["overall"])
     assert not (tmp_path / "td.state.pt").exists()
     from asd_deploy.pipeline import Pipeline
-    pipe = Pipeline.from_pretrained("default", vae=str(vae_dir), decoder="tiny", tiny_decoder=str(out))
+    pipe = Pipeline.from_pretrained(str(tiny_model_dir), decoder="tiny", tiny_decoder=str(out))
     assert pipe.info["decoder"] == "tiny" and pipe("a red circle moving right", frames=9)[0].shape == \
         (9, pipe.config.height, pipe.config.width, 3)
 
