@@ -248,9 +248,8 @@ def test_c_abi_never_crashes_the_host(native, tmp_path):
     assert lib.asd_set_prompt_embedding(h, ctx.ctypes.data, ctx.size) == 0
     assert lib.asd_next_chunk(h, buf.ctypes.data, n.value - 1) == 1 and b"must hold" in lib.asd_last_error()
     assert lib.asd_next_chunk(h, buf.ctypes.data, n.value) == 0 and lib.asd_last_error() == b""
-    ref = list(generate(EagerStep(loaded.model), torch.from_numpy(ctx), num_chunks=2, seed=0,
-                        schedule=_manifest_schedule(engine)))
     sched = _manifest_schedule(engine)
+    ref = list(generate(EagerStep(loaded.model), torch.from_numpy(ctx), num_chunks=2, seed=0, schedule=sched))
     assert_close(torch.from_numpy(buf).view(ref[0].shape), ref[0], video_tol(sched, 1), "C ABI chunk 0")
     second = np.zeros_like(buf)
     assert lib.asd_next_chunk(h, second.ctypes.data, n.value) == 0
@@ -262,8 +261,7 @@ def test_c_abi_never_crashes_the_host(native, tmp_path):
     assert lib.asd_reset(h, 0) == 0 and lib.asd_next_chunk(h, again.ctypes.data, n.value) == 0
     assert np.array_equal(again, buf)  # chunk 0 of seed 0 again, not chunk 2
     assert lib.asd_reset(h, 5) == 0 and lib.asd_next_chunk(h, again.ctypes.data, n.value) == 0
-    ref5 = next(generate(EagerStep(loaded.model), torch.from_numpy(ctx), num_chunks=1, seed=5,
-                         schedule=_manifest_schedule(engine)))
+    ref5 = next(generate(EagerStep(loaded.model), torch.from_numpy(ctx), num_chunks=1, seed=5, schedule=sched))
     assert_close(torch.from_numpy(again).view(ref5.shape), ref5, video_tol(sched, 1), "C ABI chunk 0 after asd_reset(seed 5)")
     lib.asd_destroy(h)
 

@@ -2,6 +2,7 @@
 the pipeline loads, reports speed / PSNR / ToyBench against the full decoder from what it
 measured, and resumes bit for bit after an interruption."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -34,9 +35,7 @@ def tiny_model_dir(vae_dir):
 
     cfg = ModelConfig.preset("tiny")
     d = vae_dir.parent / "model"
-    (d / "vae").mkdir(parents=True)
-    for f in vae_dir.iterdir():
-        (d / "vae" / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(vae_dir, d / "vae")
     save_file({k: v.contiguous() for k, v in build_model(cfg, seed=0).state_dict().items()}, str(d / "dit.safetensors"))
     (d / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "text_encoder": "default",
                                                "checkpoint": "dit.safetensors", "fps": 16}))

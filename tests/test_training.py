@@ -263,6 +263,25 @@ def test_teacher_loss_reaches_all_teacher_weights(cfg, mcfg):
     _assert_all_grads(net, "teacher (training)")
 
 
+
+def test_first_chunk_weight_weighs_chunk_0_in_the_teacher_loss(cfg, mcfg):
+    """teacher.first_chunk_weight w: the loss is (w * chunk 0's MSE + each later chunk's) / (w + n - 1)
+    per frame; w = 1 is the plain mean, bit for bit."""
+    fpc = mcfg.frames_per_chunk
+    g = torch.Generator().manual_seed(3)
+    pred, x0, eps = (torch.randn(2, 4, 3 * fpc, 2, 3, generator=g) for _ in range(3))
+    per_frame = (pred - (eps - x0)).square().mean(dim=(0, 1, 3, 4))
+    assert torch.equal(L.flow_matching_loss(pred, x0, eps, fpc, 1.0), L.flow_matching_loss(pred, x0, eps))
+    w = torch.tensor([3.0] * fpc + [1.0] * 2 * fpc)
+    assert_close(L.flow_matching_loss(pred, x0, eps, fpc, 3.0), (w * per_frame).sum() / w.sum(), 1e-6, "weighted")
+    net = TrainNet(build_model(mcfg, seed=0)).train()
+    lat, ctx = _latents(mcfg, 2, 3, 0), _ctx(mcfg, 2)
+    plain, _ = L.teacher_loss(net, lat, ctx, cfg.teacher, StepRandom(0, 0))
+    heavy, _ = L.teacher_loss(net, lat, ctx, dataclasses.replace(cfg.teacher, first_chunk_weight=3.0), StepRandom(0, 0))
+    assert not torch.equal(plain, heavy)
+    with pytest.raises(ConfigError, match="first_chunk_weight"):
+        TrainConfig.load("micro", ["teacher.first_chunk_weight=0"])
+
 # ---- learning ----------------------------------------------------------------------------------------
 
 
@@ -334,6 +353,25 @@ def test_resume_continues_identically(tmp_path, stage):
     for ea, eb in zip(la, lb):
         assert {k: v for k, v in ea.items() if k != "time_s"} == {k: v for k, v in eb.items() if k != "time_s"}
     assert sorted(p.name for p in b.glob("train_state_*.pt")) == ["train_state_00000004.pt"]
+
+
+def test_teacher_warm_start_takes_the_ema_weights_and_a_fresh_schedule(tmp_path):
+    """teacher.init: a new run starts its generator and EMA from the given teacher's EMA weights
+    at step 0 with a fresh optimizer, and trains from there (not from random weights)."""
+    args = ["--recipe", "micro", "--stage", "teacher", "--quiet", "--set", "teacher.ema_decay=0.9"]
+    main(args + ["--out", str(tmp_path / "a"), "--max-steps", "3"])
+    first = _ckpt(tmp_path / "a" / "teacher" / "checkpoint.pt")
+    init = str(tmp_path / "a" / "teacher" / "checkpoint.pt")
+    main(args + ["--out", str(tmp_path / "b"), "--max-steps", "1", "--set", f"teacher.init={json.dumps(init)}",
+                 "--set", "teacher.optim.lr=0"])
+    warm = _ckpt(tmp_path / "b" / "teacher" / "checkpoint.pt")
+    assert warm["step"] == 1
+    assert not torch.equal(first["generator"][next(iter(first["generator"]))],
+                           first["generator_ema"][next(iter(first["generator"]))])  # the two differ: the test sees which
+    for k, v in first["generator_ema"].items():  # lr 0: the warm-started weights unchanged, both copies
+        assert torch.equal(warm["generator"][k], v), k
+        assert torch.equal(warm["generator_ema"][k], v), k
+    assert _log(tmp_path / "b" / "teacher" / "log.jsonl")[0]["step"] == 0
 
 
 def test_log_lines_carry_the_generator_and_discriminator_values(tmp_path):
@@ -460,6 +498,7 @@ def test_cli_usage_errors(tmp_path, capsys, extra, needle):
     (["--recipe", "micro", "--set", "batch_size=many"], "batch_size"),
     (["--recipe", "micro", "--set", "distill.max_timestep=5000"], "<= 1000 (the model's num_train_timesteps)"),
     (["--recipe", "micro", "--stage", "distill", "--set", "distill.teacher=/nonexistent.pt"], "/nonexistent.pt"),
+    (["--recipe", "micro", "--stage", "teacher", "--set", 'teacher.init="/nonexistent.pt"'], "teacher.init=/nonexistent.pt"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, extra, needle):
     code, err = _cli(capsys, *extra, "--out", str(tmp_path), "--quiet")

@@ -75,6 +75,10 @@ class TeacherConfig:
     timestep_shift: float = 3.0   # training sigmas: shift(u), u ~ U(0, 1), one per chunk (diffusion forcing)
     prompt_dropout: float = 0.1   # probability of the null (all-zero) context: enables CFG
     ema_decay: float = 0.0        # 0: no EMA (the checkpoint then holds only `generator`)
+    first_chunk_weight: float = 1.0  # loss weight of chunk 0 (the one only the text conditions) against 1
+    #                                  for each later chunk; 1: the plain mean over all frames
+    init: str | None = None       # warm start: a teacher checkpoint whose weights (its EMA when it has one)
+    #                               start the generator and its EMA; fresh optimizer, step 0, this schedule
 
 
 @dataclass
@@ -163,6 +167,8 @@ class TrainConfig:
         if not 0 <= d.min_timestep < d.max_timestep <= n:
             bad(f"distill timesteps [{d.min_timestep}, {d.max_timestep}] must satisfy 0 <= min < max <= {n} "
                 f"(the model's num_train_timesteps)")
+        if not self.teacher.first_chunk_weight > 0:
+            bad(f"teacher.first_chunk_weight={self.teacher.first_chunk_weight} must be > 0 (1: every chunk alike)")
         for what, decay in (("teacher", self.teacher.ema_decay), ("distill", d.ema_decay)):
             if not 0 <= decay < 1:
                 bad(f"{what}.ema_decay={decay} must be in [0, 1)")

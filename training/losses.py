@@ -59,8 +59,15 @@ def add_noise(x0, eps, sigma):
     return (1 - s) * x0 + s * eps
 
 
-def flow_matching_loss(pred_flow, x0, eps) -> torch.Tensor:
-    return F.mse_loss(pred_flow.float(), (eps - x0).float())
+def flow_matching_loss(pred_flow, x0, eps, first_frames: int = 0, first_weight: float = 1.0) -> torch.Tensor:
+    """MSE to the flow eps - x0 over [B, C, F, H, W]; with `first_weight` != 1 the first
+    `first_frames` frames weigh that much against 1 for each later frame (a weighted mean)."""
+    if first_weight == 1.0 or first_frames == 0:
+        return F.mse_loss(pred_flow.float(), (eps - x0).float())
+    per_frame = (pred_flow.float() - (eps - x0).float()).square().mean(dim=(0, 1, 3, 4))  # [F]
+    w = torch.ones_like(per_frame)
+    w[:first_frames] = first_weight
+    return (w * per_frame).sum() / w.sum()
 
 
 @torch.no_grad()
@@ -133,7 +140,7 @@ def teacher_loss(net: TrainNet, latents: torch.Tensor, context: torch.Tensor, cf
     seq, t, positions = teacher_forcing_inputs(latents, x_t, mcfg.num_train_timesteps * sigma)
     mask = teacher_forcing_mask(mcfg, frames // fpc, latents.device)
     pred = net(seq, t, ctx, mask, positions)[:, :, frames:]
-    loss = flow_matching_loss(pred, latents, eps)
+    loss = flow_matching_loss(pred, latents, eps, fpc, cfg.first_chunk_weight)
     return loss, {"loss": loss.detach(), "sigma": sigma.mean(), "dropped": drop.float().mean()}
 
 

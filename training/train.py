@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from asd_deploy.checkpoint import atomic_write, read_state_dict, save_checkpoint
+from asd_deploy.checkpoint import atomic_write, check_state_dict, read_state_dict, save_checkpoint
 from asd_deploy.config import ModelConfig
 from asd_deploy.model import build_model
 
@@ -267,6 +267,17 @@ class Trainer:
                                     f"first (--stage teacher, or --stage all) or set distill.teacher=PATH")
         return read_state_dict(path, prefer="generator_ema")
 
+    def _teacher_init(self) -> dict | None:
+        src = self.cfg.teacher.init
+        if src is None:
+            return None
+        if not Path(src).exists():
+            raise FileNotFoundError(f"teacher.init={src}: no such checkpoint (expected a teacher's checkpoint.pt, "
+                                    f"or null to start from random weights)")
+        sd = read_state_dict(src, prefer="generator_ema")
+        check_state_dict(sd, self.mcfg)
+        return sd
+
     def setup(self, resume: bool = False) -> "Trainer":
         ckpt = self._load_checkpoint() if resume else None
         if not resume and (self.dir / "checkpoint.pt").exists():
@@ -274,7 +285,7 @@ class Trainer:
                                   f"choose another --out")
         c = self.cfg
         if self.stage == "teacher":
-            self.generator = self._net(_strip(ckpt["generator"]) if ckpt else None)
+            self.generator = self._net(_strip(ckpt["generator"]) if ckpt else self._teacher_init())
             self.opts = {"generator": _adamw(self.generator.parameters(), c.teacher.optim)}
             decay = c.teacher.ema_decay
         else:
