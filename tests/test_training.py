@@ -282,6 +282,25 @@ def test_first_chunk_weight_weighs_chunk_0_in_the_teacher_loss(cfg, mcfg):
     with pytest.raises(ConfigError, match="first_chunk_weight"):
         TrainConfig.load("micro", ["teacher.first_chunk_weight=0"])
 
+
+def test_frame_noise_prob_draws_sigmas_per_frame_for_that_share(cfg, mcfg, monkeypatch):
+    """teacher.frame_noise_prob p: a p share of the samples get one sigma per latent frame (not one per
+    chunk); p = 0 draws nothing more, so the loss is the old one bit for bit."""
+    fpc, seen = mcfg.frames_per_chunk, []
+    real = L.add_noise
+    monkeypatch.setattr(L, "add_noise", lambda x0, eps, sigma: seen.append(sigma) or real(x0, eps, sigma))
+    net = TrainNet(build_model(mcfg, seed=0)).train()
+    lat, ctx = _latents(mcfg, 64, 3, 0), _ctx(mcfg, 64)
+    plain, _ = L.teacher_loss(net, lat, ctx, cfg.teacher, StepRandom(0, 0))
+    mixed, _ = L.teacher_loss(net, lat, ctx, dataclasses.replace(cfg.teacher, frame_noise_prob=0.5), StepRandom(0, 0))
+    every, _ = L.teacher_loss(net, lat, ctx, dataclasses.replace(cfg.teacher, frame_noise_prob=1.0), StepRandom(0, 0))
+    per_chunk = lambda s: (s.view(s.shape[0], -1, fpc) == s.view(s.shape[0], -1, fpc)[..., :1]).all(dim=(1, 2))
+    assert per_chunk(seen[0]).all() and not torch.equal(plain, mixed)
+    assert 16 < int((~per_chunk(seen[1])).sum()) < 48      # about half of 64 samples per frame
+    assert not per_chunk(seen[2]).any()
+    with pytest.raises(ConfigError, match="frame_noise_prob"):
+        TrainConfig.load("micro", ["teacher.frame_noise_prob=1.5"])
+
 # ---- learning ----------------------------------------------------------------------------------------
 
 

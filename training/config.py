@@ -77,6 +77,9 @@ class TeacherConfig:
     ema_decay: float = 0.0        # 0: no EMA (the checkpoint then holds only `generator`)
     first_chunk_weight: float = 1.0  # loss weight of chunk 0 (the one only the text conditions) against 1
     #                                  for each later chunk; 1: the plain mean over all frames
+    frame_noise_prob: float = 0.0  # share of samples whose sigmas are drawn per latent frame, not per chunk
+    #                                (diffusion forcing per frame: a clean-ish frame 0 beside noisy frames 1-2
+    #                                leaves the motion to the text); 0: per chunk only
     init: str | None = None       # warm start: a teacher checkpoint whose weights (its EMA when it has one)
     #                               start the generator and its EMA; fresh optimizer, step 0, this schedule
 
@@ -167,6 +170,8 @@ class TrainConfig:
         if not 0 <= d.min_timestep < d.max_timestep <= n:
             bad(f"distill timesteps [{d.min_timestep}, {d.max_timestep}] must satisfy 0 <= min < max <= {n} "
                 f"(the model's num_train_timesteps)")
+        if not 0 <= self.teacher.frame_noise_prob <= 1:
+            bad(f"teacher.frame_noise_prob={self.teacher.frame_noise_prob} must be in [0, 1]")
         if not self.teacher.first_chunk_weight > 0:
             bad(f"teacher.first_chunk_weight={self.teacher.first_chunk_weight} must be > 0 (1: every chunk alike)")
         for what, decay in (("teacher", self.teacher.ema_decay), ("distill", d.ema_decay)):

@@ -122,8 +122,9 @@ class DiscHead(nn.Module):
 
 def teacher_loss(net: TrainNet, latents: torch.Tensor, context: torch.Tensor, cfg: TeacherConfig,
                  rnd: StepRandom) -> tuple[torch.Tensor, dict]:
-    """Flow matching with per-chunk timesteps (diffusion forcing) under teacher forcing: the
-    sequence [clean chunks, noisy chunks], each noisy chunk seeing the clean earlier ones.
+    """Flow matching with per-chunk timesteps (diffusion forcing; per frame for a
+    `cfg.frame_noise_prob` share of the samples) under teacher forcing: the sequence [clean chunks,
+    noisy chunks], each noisy chunk seeing the clean earlier ones.
     latents [B, C, F, H, W] (clean, normalized), context [B, text_len, text_dim]."""
     mcfg = net.config
     b, frames = latents.shape[0], latents.shape[2]
@@ -133,6 +134,10 @@ def teacher_loss(net: TrainNet, latents: torch.Tensor, context: torch.Tensor, cf
     noise = rnd.stream("teacher")
     sigma = sample_sigmas(noise, b, frames // fpc, shift=cfg.timestep_shift,
                           num_train_timesteps=mcfg.num_train_timesteps).repeat_interleave(fpc, 1)
+    if cfg.frame_noise_prob > 0:  # drawn only then: a run without it keeps its random stream
+        per_frame = sample_sigmas(noise, b, frames, shift=cfg.timestep_shift,
+                                  num_train_timesteps=mcfg.num_train_timesteps)
+        sigma = torch.where((noise.rand(b) < cfg.frame_noise_prob)[:, None], per_frame, sigma)
     eps = noise.randn(b, *latents.shape[1:])
     x_t = add_noise(latents, eps, sigma)
     drop = noise.rand(b) < cfg.prompt_dropout  # [B] -> the null context (CFG)
