@@ -46,6 +46,15 @@ def test_sensitivity_is_the_chunk_0_flow_loss_and_moves_with_the_text_alone():
     with torch.no_grad():
         pred = net(seq, t, ctx, teacher_forcing_mask(cfg, 1), pos)[:, :, fpc:]
     assert res[0.3]["true"] == pytest.approx(float((pred - (eps - x0)).square().mean()), rel=1e-5)
+    # frame 0 given clean: the loss over frames 1.. only, frame 0 at t = 0 in the input
+    one = P.caption_sensitivity(net, lat, {"true": ctx}, [0.3], seed=7, clean_frames=1)
+    s = torch.tensor([0.0] + [0.3] * (fpc - 1))[None, None, :, None, None]
+    seq, t, pos = teacher_forcing_inputs(x0, (1 - s) * x0 + s * eps, 1000.0 * s.view(1, fpc).expand(5, fpc))
+    with torch.no_grad():
+        pred = net(seq, t, ctx, teacher_forcing_mask(cfg, 1), pos)[:, :, fpc + 1:]
+    assert one[0.3]["true"] == pytest.approx(float((pred - (eps - x0)[:, :, 1:]).square().mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="clean_frames"):
+        P.caption_sensitivity(net, lat, {"true": ctx}, [0.3], clean_frames=fpc)
 
 
 def test_cli_writes_the_report_and_refuses_a_folder_that_is_not_a_cache(tmp_path, capsys):

@@ -53,23 +53,30 @@ def swap_attribute(caption: str, kind: str) -> str:
 
 @torch.no_grad()
 def caption_sensitivity(net: TrainNet, latents: torch.Tensor, contexts: dict[str, torch.Tensor],
-                        sigmas: list[float], seed: int = 0, batch: int = 16) -> dict[float, dict[str, float]]:
+                        sigmas: list[float], seed: int = 0, batch: int = 16,
+                        clean_frames: int = 0) -> dict[float, dict[str, float]]:
     """{sigma: {context name: chunk-0 flow loss}}: latents [B, C, F, h, w] (clean; chunk 0 is used),
     every context [B, text_len, text_dim]; the same noise for every context, so differences are
-    the text's alone."""
+    the text's alone. `clean_frames` > 0: chunk 0's first frames are given clean (t = 0) and the
+    loss is over the rest: where the object starts is known, where it goes is the text's."""
     cfg = net.config
     fpc = cfg.frames_per_chunk
     x0 = latents[:, :, :fpc].float()
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     mask = teacher_forcing_mask(cfg, 1, x0.device)
     out = {}
+    if not 0 <= clean_frames < fpc:
+        raise ValueError(f"clean_frames={clean_frames}; expected 0..{fpc - 1} (frames of chunk 0 given clean)")
+    k = clean_frames
     for sigma in sigmas:
-        x_t = (1 - sigma) * x0 + sigma * eps
-        seq, t, pos = teacher_forcing_inputs(x0, x_t, torch.full((len(x0), fpc), cfg.num_train_timesteps * sigma))
+        s = torch.full((len(x0), fpc), float(sigma))
+        s[:, :k] = 0.0
+        x_t = (1 - s[:, None, :, None, None]) * x0 + s[:, None, :, None, None] * eps
+        seq, t, pos = teacher_forcing_inputs(x0, x_t, cfg.num_train_timesteps * s)
         out[sigma] = {}
         for name, ctx in contexts.items():
-            err = [(net(seq[i:i + batch], t[i:i + batch], ctx[i:i + batch].float(), mask, pos)[:, :, fpc:]
-                    - (eps - x0)[i:i + batch]).square().mean(dim=(1, 2, 3, 4)) for i in range(0, len(x0), batch)]
+            err = [(net(seq[i:i + batch], t[i:i + batch], ctx[i:i + batch].float(), mask, pos)[:, :, fpc + k:]
+                    - (eps - x0)[i:i + batch, :, k:]).square().mean(dim=(1, 2, 3, 4)) for i in range(0, len(x0), batch)]
             out[sigma][name] = float(torch.cat(err).mean())
     return out
 
@@ -89,8 +96,9 @@ def _load_cache(folder: Path, samples: int) -> tuple[torch.Tensor, list[str]]:
 
 def to_markdown(rows: dict, meta: dict) -> str:
     L = [f"# Text probe: chunk-0 flow loss with one caption attribute changed, minus the true caption's",
-         "", f"{meta['samples']} one-object training videos of `{meta['latents']}`, the same noise per context. "
-         "Near 0: the model does not read that word.", "",
+         "", f"{meta['samples']} one-object training videos of `{meta['latents']}`, the same noise per context"
+         + (f"; chunk 0's first {meta['clean_frames']} latent frame(s) given clean, the loss over the rest"
+            if meta.get("clean_frames") else "") + ". Near 0: the model does not read that word.", "",
          "| checkpoint | sigma | true caption | direction opposite | colour changed | shape changed | null context |",
          "|---|---|---|---|---|---|---|"]
     for ckpt, by_sigma in rows.items():
@@ -108,6 +116,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=positive_int, default=64, help="one-object videos probed")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 0.7, 0.85, 0.95])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clean-frames", type=int, default=0,
+                   help="latent frames of chunk 0 given clean (the loss is over the others): 1 gives the start")
     p.add_argument("--out", default=None, help="writes OUT.md and OUT.json")
     return p.parse_args(argv)
 
@@ -128,8 +138,10 @@ def _main(a) -> int:
     for ckpt in a.checkpoint:
         model = build_model(cfg, seed=0)
         model.load_state_dict(read_state_dict(ckpt, prefer="generator_ema"), strict=True)
-        rows[ckpt] = caption_sensitivity(TrainNet(model).eval(), latents, contexts, a.sigmas, a.seed)
-    meta = {"samples": len(captions), "latents": a.latents, "config": a.config, "seed": a.seed}
+        rows[ckpt] = caption_sensitivity(TrainNet(model).eval(), latents, contexts, a.sigmas, a.seed,
+                                         clean_frames=a.clean_frames)
+    meta = {"samples": len(captions), "latents": a.latents, "config": a.config, "seed": a.seed,
+            "clean_frames": a.clean_frames}
     md = to_markdown(rows, meta)
     if a.out:
         out = Path(a.out)
