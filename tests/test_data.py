@@ -97,6 +97,28 @@ def test_constant_velocity_and_bounces():
         assert np.allclose(d[:DIRECTION_FRAMES], np.array(o.velocity))
 
 
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_speed_scale_multiplies_every_speed_and_keeps_the_captions_true(scale):
+    """speed_scale k: every object's speed is SPEED_RANGE * min(H, W) * k, still no bounce in the
+    first DIRECTION_FRAMES frames, so ToyBench still reads each caption's direction off the video."""
+    from training import toybench
+    from training.data import SPEED_RANGE
+
+    h, w = 64, 96
+    ds = ProceduralVideos(24, seed=5, height=h, width=w, frames=33, max_objects=2, speed_scale=scale)
+    lo, hi = (scale * v * min(h, w) for v in SPEED_RANGE)
+    for i in range(len(ds)):
+        it = ds[i]
+        for o in it["objects"]:
+            assert lo - 1e-9 <= float(np.hypot(*o.velocity)) <= hi + 1e-9, (i, o.velocity)
+            assert np.allclose(np.diff(o.positions, axis=0)[:DIRECTION_FRAMES], np.array(o.velocity))
+        assert toybench.score_video(it["video"], it["caption"])["motion"] == 1.0, it["caption"]
+    assert _digest(ProceduralVideos(4, seed=5, height=h, width=w, frames=9, speed_scale=1.0), 4) == \
+        _digest(ProceduralVideos(4, seed=5, height=h, width=w, frames=9), 4)  # 1: the scenes as before
+    with pytest.raises(ValueError, match="speed_scale"):
+        ProceduralVideos(4, seed=5, height=h, width=w, frames=9, speed_scale=0)
+
 def test_caption_grammar_round_trip():
     objs = [("orange", "circle", "up-left"), ("blue", "square", "down"), ("red", "triangle", "right")]
     for n in (1, 2, 3):

@@ -598,6 +598,12 @@ def test_procedural_latent_cache(tmp_path):
     other = micro(data={"source": "procedural", "num_samples": 4, "num_chunks": 1, "cache_dir": str(tmp_path / "c")})
     with pytest.raises(ValueError, match="num_samples"):
         LatentCache.load(tmp_path / "c", LatentCache.key(other))
+    # data.speed_scale enters the key only when set, so caches built before it still load
+    assert "speed_scale" not in LatentCache.key(cfg)
+    fast = micro(data={"source": "procedural", "num_samples": 3, "num_chunks": 1, "cache_dir": str(tmp_path / "c"),
+                       "speed_scale": 2.0})
+    with pytest.raises(ValueError, match="speed_scale"):
+        LatentCache.load(tmp_path / "c", LatentCache.key(fast))
 
 
 def test_disc_ratio_trains_the_discriminator_every_nth_step(cfg):

@@ -65,6 +65,7 @@ class DataConfig:
     vae: str = "tiny"           # "tiny" (random-weight Wan-layout VAE) or a diffusers AutoencoderKLWan folder
     text_encoder: str = "default"  # "default" (bundled MiniLM, 384-dim) or a umT5 folder
     max_objects: int = 3        # procedural videos: shapes per video
+    speed_scale: float = 1.0    # procedural videos: speeds are SPEED_RANGE times this
 
 
 @dataclass

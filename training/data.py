@@ -131,11 +131,11 @@ def _fold(u: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return lo + np.where(q <= span, q, 2 * span - q)
 
 
-def _trajectory(rng, direction: int, r: float, height: int, width: int, frames: int):
+def _trajectory(rng, direction: int, r: float, height: int, width: int, frames: int, speed_scale: float = 1.0):
     """Initial velocity (vx, vy) and centres [T, 2] for one object of radius r."""
     side = min(height, width)
     angle = np.deg2rad(45.0 * direction + rng.uniform(-HEADING_JITTER_DEG, HEADING_JITTER_DEG))
-    speed = rng.uniform(*SPEED_RANGE) * side
+    speed = rng.uniform(*SPEED_RANGE) * side * speed_scale
     v = np.array([np.cos(angle), -np.sin(angle)]) * speed   # image y points down
     lo = np.array([r, r])
     hi = np.array([width - 1 - r, height - 1 - r])
@@ -174,9 +174,11 @@ def shape_mask(shape: str, cx, cy, r, height: int, width: int) -> np.ndarray:
 
 class ProceduralVideos:
     """Seeded captioned videos of bouncing shapes. `ds[i]` is {"video": uint8 [T, H, W, 3],
-    "caption": str, "objects": [ObjectSpec], "background": name}, a function of (seed, i) only."""
+    "caption": str, "objects": [ObjectSpec], "background": name}, a function of (seed, i) only.
+    `speed_scale` multiplies every speed drawn from SPEED_RANGE (1: the scenes as they always were)."""
 
-    def __init__(self, num_samples: int, seed: int, height: int, width: int, frames: int, max_objects: int = 3):
+    def __init__(self, num_samples: int, seed: int, height: int, width: int, frames: int, max_objects: int = 3,
+                 speed_scale: float = 1.0):
         if min(height, width) < _MIN_SIDE:
             raise ValueError(f"procedural videos need height and width >= {_MIN_SIDE}; got {height}x{width}")
         if frames < 1 or num_samples < 0 or seed < 0:
@@ -184,7 +186,10 @@ class ProceduralVideos:
                              f"num_samples={num_samples}, seed={seed}")
         if not 1 <= max_objects <= len(PALETTE):
             raise ValueError(f"max_objects must be in 1..{len(PALETTE)} (distinct colours); got {max_objects}")
+        if not 0 < speed_scale <= 4:
+            raise ValueError(f"speed_scale must be in (0, 4] (a multiple of SPEED_RANGE); got {speed_scale}")
         self.num_samples, self.seed, self.max_objects = num_samples, seed, max_objects
+        self.speed_scale = float(speed_scale)
         self.height, self.width, self.frames = height, width, frames
 
     def __len__(self) -> int:
@@ -206,7 +211,7 @@ class ProceduralVideos:
                 for color, shape, d in scene:
                     for _ in range(_LAYOUT_TRIES):
                         r = rng.uniform(r_lo, r_hi) * side
-                        v, pos = _trajectory(rng, d, r, self.height, self.width, self.frames)
+                        v, pos = _trajectory(rng, d, r, self.height, self.width, self.frames, self.speed_scale)
                         if all(_apart(pos, r, o.positions, o.radius) for o in placed):
                             placed.append(ObjectSpec(color, shape, DIRECTIONS[d], float(r), v, pos))
                             break

@@ -70,7 +70,8 @@ class LatentCache:
         return {"format": LatentCache.FORMAT, "height": m.height, "width": m.width, "channels": m.in_channels,
                 "frames": m.pixel_frames_for(d.num_chunks * m.frames_per_chunk), "text_len": m.text_len,
                 "text_dim": m.text_dim, "num_samples": d.num_samples, "seed": d.seed, "vae": d.vae,
-                "text_encoder": d.text_encoder, "max_objects": d.max_objects, "vae_weights": _vae_weights_hash(d.vae)}
+                "text_encoder": d.text_encoder, "max_objects": d.max_objects, "vae_weights": _vae_weights_hash(d.vae)} \
+            | ({"speed_scale": d.speed_scale} if d.speed_scale != 1.0 else {})  # caches from before it stay valid
 
     @classmethod
     def random(cls, cfg: TrainConfig) -> "LatentCache":
@@ -104,7 +105,7 @@ class LatentCache:
             raise ValueError(f"text encoder {text!r} gives {text.text_dim}-dim embeddings; model config "
                              f"{m.name!r} has text_dim {m.text_dim}")
         videos = ProceduralVideos(num_samples=d.num_samples, seed=d.seed, height=m.height, width=m.width,
-                                  frames=key["frames"], max_objects=d.max_objects)
+                                  frames=key["frames"], max_objects=d.max_objects, speed_scale=d.speed_scale)
         lats, ctxs, caps = [], [], []
         for start in tqdm(range(0, d.num_samples, batch), desc="latent cache", disable=not progress):
             items = [videos[i] for i in range(start, min(start + batch, d.num_samples))]
