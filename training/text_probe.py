@@ -4,7 +4,14 @@ colour, the shape) or the null context. A word the model ignores leaves the loss
 
     python -m training.text_probe --checkpoint CKPT [CKPT ...] [--latents out/latents/demo]
                                   [--samples 64] [--sigmas 0.5 0.7 0.85 0.95] [--config demo]
+                                  [--clean-frames 1] [--motion --vae out/vae-demo]
                                   [--out training/reports/text_probe]
+
+`--motion`: the same question asked of the picture. Chunk 0's first latent frame given clean, the
+rest noised to sigma, the model's one-shot x0 prediction decoded (VAE) and the object tracked as
+ToyBench tracks it: how often it moves within ToyBench's tolerance of the caption's direction over
+the first frames, with the true caption and with the opposite direction named. If the two shares
+are equal, the motion came from the noisy frames, not from the word.
 
 Chunk 0 is the one only the text conditions: a later chunk can read the motion off the clean
 chunks before it (teacher forcing), so a teacher may fit its loss there without ever reading the
@@ -81,6 +88,38 @@ def caption_sensitivity(net: TrainNet, latents: torch.Tensor, contexts: dict[str
     return out
 
 
+@torch.no_grad()
+def motion_agreement(net: TrainNet, vae, latents: torch.Tensor, captions: list[str], text, sigma: float,
+                     seed: int = 0) -> dict:
+    """{"true caption" | "opposite direction named" | "real latents": share of one-object videos whose
+    object moves the caption's way (ToyBench's test over its first frames)} for the one-shot x0
+    prediction of chunk 0 with its first latent frame clean and the others at `sigma`."""
+    from asd_deploy.vae import to_uint8_frames
+
+    from . import toybench
+
+    cfg = net.config
+    fpc = cfg.frames_per_chunk
+    x0 = latents[:, :, :fpc].float()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    s = torch.full((fpc,), float(sigma))
+    s[0] = 0.0
+    s5 = s[None, None, :, None, None]
+    x_t = (1 - s5) * x0 + s5 * eps
+    seq, t, pos = teacher_forcing_inputs(x0, x_t, cfg.num_train_timesteps * s.expand(len(x0), fpc))
+    mask = teacher_forcing_mask(cfg, 1, x0.device)
+    clips = {"real latents": x0}
+    for name, caps in (("true caption", captions),
+                       ("opposite direction named", [swap_attribute(c, "direction") for c in captions])):
+        v = net(seq, t, text.encode(caps), mask, pos)[:, :, fpc:]
+        clips[name] = torch.cat([x0[:, :, :1], (x_t - s5 * v)[:, :, 1:]], dim=2)  # x0 = x_t - sigma * v
+    out = {}
+    for name, lat in clips.items():
+        frames = to_uint8_frames(vae.decode(lat), batch_index=None)  # [B, T, H, W, 3]
+        out[name] = sum(toybench.score_video(f, c)["motion"] for f, c in zip(frames, captions)) / len(captions)
+    return out
+
+
 def _load_cache(folder: Path, samples: int) -> tuple[torch.Tensor, list[str]]:
     lat_file, cap_file = folder / "latents.pt", folder / "captions.json"
     if not (lat_file.is_file() and cap_file.is_file()):
@@ -94,7 +133,7 @@ def _load_cache(folder: Path, samples: int) -> tuple[torch.Tensor, list[str]]:
     return latents[keep].float(), [captions[i] for i in keep]
 
 
-def to_markdown(rows: dict, meta: dict) -> str:
+def to_markdown(rows: dict, meta: dict, motion: dict | None = None) -> str:
     L = [f"# Text probe: chunk-0 flow loss with one caption attribute changed, minus the true caption's",
          "", f"{meta['samples']} one-object training videos of `{meta['latents']}`, the same noise per context"
          + (f"; chunk 0's first {meta['clean_frames']} latent frame(s) given clean, the loss over the rest"
@@ -105,6 +144,13 @@ def to_markdown(rows: dict, meta: dict) -> str:
         for sigma, loss in by_sigma.items():
             d = [f"{loss[k] - loss['true']:+.5f}" for k in (*ATTRIBUTES, "null")]
             L.append(f"| {ckpt} | {sigma} | {loss['true']:.4f} | " + " | ".join(d) + " |")
+    if motion:
+        L += ["", f"Motion of the one-shot prediction (chunk 0's first latent frame clean, the rest at sigma "
+              f"{meta['motion_sigma']}; share of videos moving the caption's way by ToyBench's test):", "",
+              "| checkpoint | true caption | opposite direction named | real latents |", "|---|---|---|---|"]
+        for ckpt, m in motion.items():
+            L.append(f"| {ckpt} | {m['true caption']:.2f} | {m['opposite direction named']:.2f} | "
+                     f"{m['real latents']:.2f} |")
     return "\n".join(L) + "\n"
 
 
@@ -118,6 +164,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clean-frames", type=int, default=0,
                    help="latent frames of chunk 0 given clean (the loss is over the others): 1 gives the start")
+    p.add_argument("--motion", action="store_true", help="also the decoded motion test (needs --vae)")
+    p.add_argument("--vae", default=None, help="VAE folder for --motion")
+    p.add_argument("--motion-sigma", type=float, default=0.9, help="noise on chunk 0's later frames for --motion")
     p.add_argument("--out", default=None, help="writes OUT.md and OUT.json")
     return p.parse_args(argv)
 
@@ -127,26 +176,36 @@ def _main(a) -> int:
 
     if any(not 0 < s <= 1 for s in a.sigmas):
         raise ValueError(f"--sigmas {a.sigmas}: each must be in (0, 1]")
+    if a.motion and not a.vae:
+        raise ValueError("--motion decodes the predictions: give the model's VAE folder with --vae")
+    if not 0 < a.motion_sigma <= 1:
+        raise ValueError(f"--motion-sigma {a.motion_sigma}: expected a value in (0, 1]")
     cfg = ModelConfig.preset(a.config)
     latents, captions = _load_cache(Path(a.latents), a.samples)
+    vae = None
+    if a.motion:
+        from asd_deploy.vae import VideoVAE
+        vae = VideoVAE.from_pretrained(a.vae)
     text = load_text_encoder("default", cfg.text_len)
     contexts = {"true": text.encode(captions)}
     for kind in ATTRIBUTES:
         contexts[kind] = text.encode([swap_attribute(c, kind) for c in captions])
     contexts["null"] = torch.zeros_like(contexts["true"])
-    rows = {}
+    rows, motion = {}, {}
     for ckpt in a.checkpoint:
         model = build_model(cfg, seed=0)
         model.load_state_dict(read_state_dict(ckpt, prefer="generator_ema"), strict=True)
-        rows[ckpt] = caption_sensitivity(TrainNet(model).eval(), latents, contexts, a.sigmas, a.seed,
-                                         clean_frames=a.clean_frames)
+        net = TrainNet(model).eval()
+        rows[ckpt] = caption_sensitivity(net, latents, contexts, a.sigmas, a.seed, clean_frames=a.clean_frames)
+        if vae is not None:
+            motion[ckpt] = motion_agreement(net, vae, latents, captions, text, a.motion_sigma, a.seed)
     meta = {"samples": len(captions), "latents": a.latents, "config": a.config, "seed": a.seed,
-            "clean_frames": a.clean_frames}
-    md = to_markdown(rows, meta)
+            "clean_frames": a.clean_frames, "motion_sigma": a.motion_sigma if vae is not None else None}
+    md = to_markdown(rows, meta, motion)
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({"rows": rows, **meta},
+        atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({"rows": rows, "motion": motion, **meta},
                                                                                            indent=1)))
         atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))
     print(md)
