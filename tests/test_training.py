@@ -263,7 +263,6 @@ def test_teacher_loss_reaches_all_teacher_weights(cfg, mcfg):
     _assert_all_grads(net, "teacher (training)")
 
 
-
 def test_first_chunk_weight_weighs_chunk_0_in_the_teacher_loss(cfg, mcfg):
     """teacher.first_chunk_weight w: the loss is (w * chunk 0's MSE + each later chunk's) / (w + n - 1)
     per frame; w = 1 is the plain mean, bit for bit."""
@@ -300,6 +299,7 @@ def test_frame_noise_prob_draws_sigmas_per_frame_for_that_share(cfg, mcfg, monke
     assert not per_chunk(seen[2]).any()
     with pytest.raises(ConfigError, match="frame_noise_prob"):
         TrainConfig.load("micro", ["teacher.frame_noise_prob=1.5"])
+
 
 # ---- learning ----------------------------------------------------------------------------------------
 

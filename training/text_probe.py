@@ -58,6 +58,24 @@ def swap_attribute(caption: str, kind: str) -> str:
     return make_caption(spec["background"], [(colour, shape, direction)])
 
 
+def _chunk0(latents: torch.Tensor, fpc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk 0 of clean latents [B, C, F, h, w] and its seeded noise, both [B, C, fpc, h, w]."""
+    x0 = latents[:, :, :fpc].float()
+    return x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _noisy_chunk0(cfg, x0, eps, sigma: float, clean_frames: int):
+    """x_t, per-frame sigma [1, 1, fpc, 1, 1] and the teacher-forcing inputs (seq, t, positions) of
+    chunk 0 at `sigma`, its first `clean_frames` frames left clean (t = 0)."""
+    b, fpc = x0.shape[0], x0.shape[2]
+    s = torch.full((fpc,), float(sigma))
+    s[:clean_frames] = 0.0
+    s5 = s[None, None, :, None, None]
+    x_t = (1 - s5) * x0 + s5 * eps
+    seq, t, pos = teacher_forcing_inputs(x0, x_t, cfg.num_train_timesteps * s.expand(b, fpc))
+    return x_t, s5, seq, t, pos
+
+
 @torch.no_grad()
 def caption_sensitivity(net: TrainNet, latents: torch.Tensor, contexts: dict[str, torch.Tensor],
                         sigmas: list[float], seed: int = 0, batch: int = 16,
@@ -66,20 +84,15 @@ def caption_sensitivity(net: TrainNet, latents: torch.Tensor, contexts: dict[str
     every context [B, text_len, text_dim]; the same noise for every context, so differences are
     the text's alone. `clean_frames` > 0: chunk 0's first frames are given clean (t = 0) and the
     loss is over the rest: where the object starts is known, where it goes is the text's."""
-    cfg = net.config
-    fpc = cfg.frames_per_chunk
-    x0 = latents[:, :, :fpc].float()
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    mask = teacher_forcing_mask(cfg, 1, x0.device)
-    out = {}
+    fpc = net.config.frames_per_chunk
     if not 0 <= clean_frames < fpc:
         raise ValueError(f"clean_frames={clean_frames}; expected 0..{fpc - 1} (frames of chunk 0 given clean)")
+    x0, eps = _chunk0(latents, fpc, seed)
+    mask = teacher_forcing_mask(net.config, 1, x0.device)
+    out = {}
     k = clean_frames
     for sigma in sigmas:
-        s = torch.full((len(x0), fpc), float(sigma))
-        s[:, :k] = 0.0
-        x_t = (1 - s[:, None, :, None, None]) * x0 + s[:, None, :, None, None] * eps
-        seq, t, pos = teacher_forcing_inputs(x0, x_t, cfg.num_train_timesteps * s)
+        x_t, _, seq, t, pos = _noisy_chunk0(net.config, x0, eps, sigma, k)
         out[sigma] = {}
         for name, ctx in contexts.items():
             err = [(net(seq[i:i + batch], t[i:i + batch], ctx[i:i + batch].float(), mask, pos)[:, :, fpc + k:]
@@ -98,16 +111,10 @@ def motion_agreement(net: TrainNet, vae, latents: torch.Tensor, captions: list[s
 
     from . import toybench
 
-    cfg = net.config
-    fpc = cfg.frames_per_chunk
-    x0 = latents[:, :, :fpc].float()
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    s = torch.full((fpc,), float(sigma))
-    s[0] = 0.0
-    s5 = s[None, None, :, None, None]
-    x_t = (1 - s5) * x0 + s5 * eps
-    seq, t, pos = teacher_forcing_inputs(x0, x_t, cfg.num_train_timesteps * s.expand(len(x0), fpc))
-    mask = teacher_forcing_mask(cfg, 1, x0.device)
+    fpc = net.config.frames_per_chunk
+    x0, eps = _chunk0(latents, fpc, seed)
+    x_t, s5, seq, t, pos = _noisy_chunk0(net.config, x0, eps, sigma, clean_frames=1)
+    mask = teacher_forcing_mask(net.config, 1, x0.device)
     clips = {"real latents": x0}
     for name, caps in (("true caption", captions),
                        ("opposite direction named", [swap_attribute(c, "direction") for c in captions])):
