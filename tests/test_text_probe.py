@@ -25,6 +25,8 @@ def test_swap_changes_exactly_one_attribute(caption):
         assert [got[i] == base["objects"][0][i] for i in range(3)] == [i != slot for i in range(3)], (kind, got)
     assert abs(DIRECTIONS.index(parse_caption(P.swap_attribute(caption, "direction"))["objects"][0][2])
                - DIRECTIONS.index(d)) == 4  # the opposite heading
+    turned = DIRECTIONS.index(parse_caption(P.swap_attribute(caption, "turn"))["objects"][0][2])
+    assert (turned - DIRECTIONS.index(d)) % 8 == 2  # 90 degrees: another axis
     with pytest.raises(ValueError, match="one-object"):
         P.swap_attribute("a red circle moving up and a blue square moving left on a white background", "shape")
 
@@ -74,7 +76,7 @@ def test_cli_writes_the_report_and_refuses_a_folder_that_is_not_a_cache(tmp_path
     rep = json.loads(out.with_suffix(".json").read_text())
     assert rep["samples"] == 2  # the two-object caption is left out
     loss = rep["rows"][str(tmp_path / "m.safetensors")]["0.5"]
-    assert set(loss) == {"true", "direction", "colour", "shape", "null"}
+    assert set(loss) == {"true", "direction", "turn", "colour", "shape", "null"}
     assert "| 0.5 |" in out.with_suffix(".md").read_text()
     capsys.readouterr()
     assert P.main(["--checkpoint", str(tmp_path / "m.safetensors"), "--latents", str(tmp_path), "--config", "tiny"]) == 2

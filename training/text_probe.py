@@ -1,6 +1,6 @@
 """Which caption words a model listens to: its chunk-0 flow loss on real latents with the true
-caption, against the same caption with one attribute changed (the direction to its opposite, the
-colour, the shape) or the null context. A word the model ignores leaves the loss where it was.
+caption, against the same caption with one attribute changed (the direction to its opposite or
+turned 90 degrees, the colour, the shape) or the null context. A word the model ignores leaves the loss where it was.
 
     python -m training.text_probe --checkpoint CKPT [CKPT ...] [--latents out/latents/demo]
                                   [--samples 64] [--sigmas 0.5 0.7 0.85 0.95] [--config demo]
@@ -30,24 +30,26 @@ import torch
 
 from asd_deploy.checkpoint import atomic_write, read_state_dict
 from asd_deploy.cli import positive_int, run_command
-from asd_deploy.config import ModelConfig
 from asd_deploy.model import build_model
 
+from .ablation import model_config
 from .data import DIRECTIONS, PALETTE, SHAPES, make_caption, parse_caption
 from .rollout import TrainNet, teacher_forcing_inputs, teacher_forcing_mask
 
-ATTRIBUTES = ("direction", "colour", "shape")
+ATTRIBUTES = ("direction", "turn", "colour", "shape")
 
 
 def swap_attribute(caption: str, kind: str) -> str:
-    """A one-object caption with `kind` changed: the direction to its opposite, the colour to the
-    next palette colour, the shape to the next shape."""
+    """A one-object caption with `kind` changed: the direction to its opposite ("direction") or
+    turned 90 degrees ("turn": another axis, so a model that knows the axis but not the sign still
+    notices), the colour to the next palette colour, the shape to the next shape."""
     spec = parse_caption(caption)
     if len(spec["objects"]) != 1:
         raise ValueError(f"swap_attribute takes one-object captions; got {caption!r}")
     (colour, shape, direction), = spec["objects"]
-    if kind == "direction":
-        direction = DIRECTIONS[(DIRECTIONS.index(direction) + 4) % len(DIRECTIONS)]
+    if kind in ("direction", "turn"):
+        eighths = 4 if kind == "direction" else 2  # DIRECTIONS are 45 degrees apart
+        direction = DIRECTIONS[(DIRECTIONS.index(direction) + eighths) % len(DIRECTIONS)]
     elif kind == "colour":
         names = list(PALETTE)
         colour = names[(names.index(colour) + 1) % len(names)]
@@ -145,8 +147,8 @@ def to_markdown(rows: dict, meta: dict, motion: dict | None = None) -> str:
          "", f"{meta['samples']} one-object training videos of `{meta['latents']}`, the same noise per context"
          + (f"; chunk 0's first {meta['clean_frames']} latent frame(s) given clean, the loss over the rest"
             if meta.get("clean_frames") else "") + ". Near 0: the model does not read that word.", "",
-         "| checkpoint | sigma | true caption | direction opposite | colour changed | shape changed | null context |",
-         "|---|---|---|---|---|---|---|"]
+         "| checkpoint | sigma | true caption | direction opposite | direction turned 90° | colour changed | shape changed | null context |",
+         "|---|---|---|---|---|---|---|---|"]
     for ckpt, by_sigma in rows.items():
         for sigma, loss in by_sigma.items():
             d = [f"{loss[k] - loss['true']:+.5f}" for k in (*ATTRIBUTES, "null")]
@@ -165,7 +167,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.text_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", nargs="+", required=True, help="teacher or student checkpoints (EMA preferred)")
     p.add_argument("--latents", default="out/latents/demo", help="latent cache folder (latents.pt, captions.json)")
-    p.add_argument("--config", default="demo", help="model config preset of the checkpoints")
+    p.add_argument("--config", default="demo", help="model config preset, for checkpoints without the run's "
+                                                    "config.json beside them")
     p.add_argument("--samples", type=positive_int, default=64, help="one-object videos probed")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 0.7, 0.85, 0.95])
     p.add_argument("--seed", type=int, default=0)
@@ -187,7 +190,12 @@ def _main(a) -> int:
         raise ValueError("--motion decodes the predictions: give the model's VAE folder with --vae")
     if not 0 < a.motion_sigma <= 1:
         raise ValueError(f"--motion-sigma {a.motion_sigma}: expected a value in (0, 1]")
-    cfg = ModelConfig.preset(a.config)
+    configs = {c: model_config([c], a.config) for c in a.checkpoint}  # the run's config.json beside each
+    cfg = configs[a.checkpoint[0]]
+    for c, m in configs.items():
+        if (m.text_len, m.text_dim) != (cfg.text_len, cfg.text_dim):
+            raise ValueError(f"{c} takes text [{m.text_len}, {m.text_dim}], {a.checkpoint[0]} takes "
+                             f"[{cfg.text_len}, {cfg.text_dim}]: probe them in separate runs")
     latents, captions = _load_cache(Path(a.latents), a.samples)
     vae = None
     if a.motion:
@@ -200,7 +208,7 @@ def _main(a) -> int:
     contexts["null"] = torch.zeros_like(contexts["true"])
     rows, motion = {}, {}
     for ckpt in a.checkpoint:
-        model = build_model(cfg, seed=0)
+        model = build_model(configs[ckpt], seed=0)
         model.load_state_dict(read_state_dict(ckpt, prefer="generator_ema"), strict=True)
         net = TrainNet(model).eval()
         rows[ckpt] = caption_sensitivity(net, latents, contexts, a.sigmas, a.seed, clean_frames=a.clean_frames)
