@@ -30,6 +30,25 @@ def tiny_model(tiny_cfg):
     return build_model(tiny_cfg, seed=0)
 
 
+@pytest.fixture(scope="session")
+def default_engines(tmp_path_factory):
+    """(get, out): `get(backend, opset=None)` builds the default model's engine (with its VAE
+    decoder) into `out` the first time it is asked for and returns its folder; every test module
+    that needs one shares it (an AOTInductor build is about a minute on 2 cores). Treat the folders
+    as read-only: a test that damages or edits an engine copies it first."""
+    from export.build import DEFAULT_OPSET, build
+
+    out = tmp_path_factory.mktemp("default-engines")
+    built = {}
+
+    def get(backend: str, opset: int | None = None):
+        key = (backend, DEFAULT_OPSET.get(backend) if opset is None else opset)
+        if key not in built:
+            built[key] = build(backend=backend, opset=key[1], out=out, log=lambda msg: None)
+        return built[key]
+    return get, out
+
+
 def rand_context(cfg, batch=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g)

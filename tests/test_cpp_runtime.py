@@ -21,7 +21,6 @@ from asd_deploy.generator import EagerStep, generate
 from asd_deploy.registry import load_dit
 from asd_deploy.schedule import Schedule
 from asd_deploy.video import read_mp4
-from export.build import build
 
 from conftest import assert_close, rand_context, video_tol
 
@@ -38,7 +37,7 @@ def _cmake() -> str:
 
 
 @pytest.fixture(scope="module")
-def native(tmp_path_factory):
+def native(tmp_path_factory, default_engines):
     """(build folder, engine folder, loaded default model)."""
     tmp = tmp_path_factory.mktemp("cpp")
     cmake, b = _cmake(), tmp / "build"
@@ -46,7 +45,7 @@ def native(tmp_path_factory):
                     f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], check=True, capture_output=True)
     r = subprocess.run([cmake, "--build", str(b), "-j2"], capture_output=True, text=True)
     assert r.returncode == 0, f"C++ build failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    engine = build(backend="aoti", out=tmp / "engines", log=lambda msg: None)
+    engine = default_engines[0]("aoti")  # the session's, shared with test_export
     return b, engine, load_dit("default")
 
 

@@ -141,15 +141,15 @@ def test_decode_signatures_match_the_net(vae):
 
 
 @pytest.fixture(scope="module")
-def ort_engines(tmp_path_factory):
-    """The default model's ORT engine with its VAE decoder, and one with a tiny decoder."""
+def ort_engines(tmp_path_factory, default_engines):
+    """The default model's ORT engine with its VAE decoder (the session's), and one with a tiny decoder."""
     from export.build import build
 
     tmp = tmp_path_factory.mktemp("dec")
     td = TinyDecoder(TINY_DECODER_ARCHS["tiny"]).eval()
     td.save(tmp / "tiny_decoder")
     quiet = lambda m: None  # noqa: E731
-    return (build(backend="ort", out=tmp / "e", log=quiet),
+    return (default_engines[0]("ort"),
             build(backend="ort", out=tmp / "t", log=quiet, decoder="tiny", tiny_decoder=str(tmp / "tiny_decoder")),
             tmp / "tiny_decoder")
 

@@ -1,6 +1,6 @@
 """Engines against eager PyTorch, and the build's bookkeeping: manifests, staleness, corruption,
 interrupted builds, forced rebuilds, rebuild hints that work. Engines are built once per module
-into a temp folder (about a minute and a half on 2 cores: the module is `slow`; the manifest and
+into the session's temp folder (conftest.default_engines: about a minute and a half on 2 cores: the module is `slow`; the manifest and
 discovery logic is checked without builds in tests/test_engines.py)."""
 import json
 import shlex
@@ -31,10 +31,9 @@ def loaded():
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines")
-    quiet = lambda msg: None  # noqa: E731
-    return {(b, o): build(backend=b, opset=o, out=out, log=quiet) for b, o in ENGINES}, out
+def engines(default_engines):
+    get, out = default_engines  # shared with the C++ runtime's and the decoders' tests
+    return {(b, o): get(b, o) for b, o in ENGINES}, out
 
 
 def _video(step, ctx, **kw):
