@@ -1,6 +1,7 @@
 """Which caption words a model listens to: its chunk-0 flow loss on real latents with the true
 caption, against the same caption with one attribute changed (the direction to its opposite or
-turned 90 degrees, the colour, the shape) or the null context. A word the model ignores leaves the loss where it was.
+turned 90 degrees, the colour, the shape) or the null context. A word the model ignores leaves
+the loss where it was.
 
     python -m training.text_probe --checkpoint CKPT [CKPT ...] [--latents out/latents/demo]
                                   [--samples 64] [--sigmas 0.5 0.7 0.85 0.95] [--config demo]
