@@ -65,9 +65,10 @@ def video_tol(schedule, num_chunks: int = 5, floor: float = 1e-4, factor: float 
     Intel Xeon with AVX-512/AMX the engines (ONNX Runtime, AOTInductor, torch.compile, the C ABI)
     came 2.3-2.8x eager's measured distance from eager on the test's own context (factor 2 failed
     there by 10-40%; it had passed on an AMD EPYC), hence 4. A single step call is held to 1e-4
-    directly; over a video the steps feed each other through the KV cache and rounding grows (seen: 2-step + FFE, 5 chunks, fp32 vs float64
-    1.6e-3 at the demo model, 2.7e-5 at 1 step), while a plumbing fault (a wrong position, a stale
-    cache slot, another seed) moves latents by 0.1 to 1. Measured once per schedule per session."""
+    directly; over a video the steps feed each other through the KV cache and rounding grows
+    (seen: 2-step + FFE, 5 chunks, fp32 vs float64 1.6e-3 at the demo model, 2.7e-5 at 1 step),
+    while a plumbing fault (a wrong position, a stale cache slot, another seed) moves latents by
+    0.1 to 1. Measured once per schedule per session."""
     import copy
 
     from asd_deploy.generator import EagerStep, generate

@@ -142,7 +142,8 @@ def test_decode_signatures_match_the_net(vae):
 
 @pytest.fixture(scope="module")
 def ort_engines(tmp_path_factory, default_engines):
-    """The default model's ORT engine with its VAE decoder (the session's), and one with a tiny decoder."""
+    """The default model's ORT engine with its VAE decoder (the session's), and one with a tiny
+    decoder."""
     from export.build import build
 
     tmp = tmp_path_factory.mktemp("dec")

@@ -1,7 +1,8 @@
 """Engines against eager PyTorch, and the build's bookkeeping: manifests, staleness, corruption,
-interrupted builds, forced rebuilds, rebuild hints that work. Engines are built once per module
-into the session's temp folder (conftest.default_engines: about a minute and a half on 2 cores: the module is `slow`; the manifest and
-discovery logic is checked without builds in tests/test_engines.py)."""
+interrupted builds, forced rebuilds, rebuild hints that work. Engines are built once per session
+into a temp folder shared with other modules (conftest.default_engines: about a minute and a half
+on 2 cores: the module is `slow`; the manifest and discovery logic is checked without builds in
+tests/test_engines.py)."""
 import json
 import shlex
 import shutil
