@@ -641,6 +641,26 @@ def test_network_timesteps_follow_the_model_config():
     assert seen[:2] == pytest.approx([500 * s for s in denoising_sigmas(2)])
 
 
+def test_ablation_scores_at_the_speed_the_teacher_learnt(tmp_path):
+    """The real-video rows and the scorer use data.speed_scale of the teacher's run config.json
+    (else the students', which must agree; 1 without any)."""
+    from training.ablation import data_speed_scale
+
+    def run(name, speed):
+        (tmp_path / name).mkdir()
+        data = {} if speed is None else {"speed_scale": speed}
+        (tmp_path / name / "config.json").write_text(json.dumps({"model": {}, "data": data}))
+        return tmp_path / name / "checkpoint.pt"
+
+    t2, s1, s1b, s2, bare = run("t2", 2.0), run("s1", None), run("s1b", 1.0), run("s2", 2.0), tmp_path / "x.pt"
+    assert data_speed_scale(t2, [s1]) == 2.0          # the teacher's wins
+    assert data_speed_scale(None, [s2]) == 2.0
+    assert data_speed_scale(None, [s1, s1b]) == 1.0   # absent means 1
+    assert data_speed_scale(bare, []) == 1.0
+    with pytest.raises(ValueError, match="different speeds"):
+        data_speed_scale(None, [s1, s2])
+
+
 def test_every_training_cli_answers_bad_input_in_one_line(tmp_path, capsys):
     """No training tool prints a traceback for a bad argument, file or folder."""
     import training.ablation

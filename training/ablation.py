@@ -118,9 +118,10 @@ def decoders_for(vae: VideoVAE, tiny=None) -> dict:
 
 
 def evaluate_rows(name: str, samplers: list, decoders: dict, contexts: torch.Tensor, prompts: list[str],
-                  seeds: list[int]) -> list[dict]:
+                  seeds: list[int], speed_scale: float = 1.0) -> list[dict]:
     """`samplers[r](context [1, L, D], seed) -> latents` for each training run r; each video's
-    latents decoded by every decoder (one row each, `name` + the decoder's suffix) and scored."""
+    latents decoded by every decoder (one row each, `name` + the decoder's suffix) and scored
+    (`speed_scale`: the teacher's training data's, see `toybench.score_video`)."""
     per_video = {k: [] for k in decoders}
     t0 = time.perf_counter()
     for r, sample in enumerate(samplers):
@@ -130,7 +131,7 @@ def evaluate_rows(name: str, samplers: list, decoders: dict, contexts: torch.Ten
                 for k, decode in decoders.items():
                     video = to_uint8_frames(decode(latents))
                     per_video[k].append({"prompt": prompt, "seed": seed, "run": r,
-                                         **toybench.score_video(video, prompt)})
+                                         **toybench.score_video(video, prompt, speed_scale)})
     return [_summarise(name + k, rows, time.perf_counter() - t0) for k, rows in per_video.items()]
 
 
@@ -140,13 +141,13 @@ def evaluate_row(name: str, samplers: list, vae: VideoVAE, contexts: torch.Tenso
 
 
 def reference_rows(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int, seed: int = 4321,
-                   decoders: dict | None = None) -> list[dict]:
-    """Floor and ceiling: real procedural videos (the same grammar as the prompts), as rendered
-    and through the VAE, and ToyBench's baselines (background only, a held frame, a wrong
-    colour, a wrong direction), each scored against the real caption."""
+                   decoders: dict | None = None, speed_scale: float = 1.0) -> list[dict]:
+    """Floor and ceiling: real procedural videos (the same grammar as the prompts, at the
+    teacher's data speed), as rendered and through the VAE, and ToyBench's baselines (background
+    only, a held frame, a wrong colour, a wrong direction), each scored against the real caption."""
     frames = config.pixel_frames_for(num_chunks * config.frames_per_chunk)
     ds = ProceduralVideos(num_samples=num, seed=seed, height=config.height, width=config.width, frames=frames,
-                          max_objects=2)
+                          max_objects=2, speed_scale=speed_scale)
     per: dict[str, list[dict]] = {}
     for i in range(num):
         item = ds[i]
@@ -158,7 +159,7 @@ def reference_rows(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int
                   **{f"baseline: {k}": v for k, v in toybench.baselines(item).items()}}
         for name, video in videos.items():
             per.setdefault(name, []).append({"prompt": item["caption"], "seed": 0, "run": 0,
-                                             **toybench.score_video(video, item["caption"])})
+                                             **toybench.score_video(video, item["caption"], speed_scale)})
     return [_summarise(name, rows, 0.0) for name, rows in per.items()]
 
 
@@ -168,7 +169,8 @@ ROWS = {  # the paper's Table 2 names: (arm, FFE)
 
 def run(teacher: Path | None, students: dict[str, list[Path]], vae: Path, config: ModelConfig, num_prompts: int = 32,
         seeds=(0, 1), num_chunks: int = 3, teacher_steps: int = 20, guidance: float = 3.0,
-        text_encoder: str = "default", step_counts=(1, 2), log=print, tiny_decoder: Path | None = None) -> dict:
+        text_encoder: str = "default", step_counts=(1, 2), log=print, tiny_decoder: Path | None = None,
+        speed_scale: float = 1.0) -> dict:
     prompts = eval_prompts(num_prompts)
     enc = load_text_encoder(text_encoder, config.text_len)
     contexts = enc.encode(prompts).float().cpu()
@@ -178,13 +180,14 @@ def run(teacher: Path | None, students: dict[str, list[Path]], vae: Path, config
         from asd_deploy.decoders.tiny import TinyDecoder
         tiny = TinyDecoder.from_pretrained(tiny_decoder)
     decoders = decoders_for(vae_, tiny)
-    rows = reference_rows(vae_, config, num_prompts, num_chunks, decoders=decoders)
+    rows = reference_rows(vae_, config, num_prompts, num_chunks, decoders=decoders, speed_scale=speed_scale)
     for r in rows:
         log(f"{r['name']}: {r['overall']:.3f}")
     if teacher is not None:
         t_model = EagerStep(load_checkpoint(teacher, config, prefer="generator_ema"))
         rows += evaluate_rows(f"teacher ({teacher_steps} steps, CFG {guidance})", [lambda c, s: sample_teacher(
-            t_model, c, num_chunks, teacher_steps, guidance, seed=s)], decoders, contexts, prompts, list(seeds))
+            t_model, c, num_chunks, teacher_steps, guidance, seed=s)], decoders, contexts, prompts, list(seeds),
+            speed_scale)
         log(f"{rows[-1]['name']}: {rows[-1]['overall']:.3f}")
     table2 = {}
     for arm, paths in students.items():
@@ -194,7 +197,7 @@ def run(teacher: Path | None, students: dict[str, list[Path]], vae: Path, config
                 sched = Schedule(steps=steps, ffe=ffe)
                 row, *others = evaluate_rows(f"{arm}, {sched.describe()}", [student_sampler(m, sched, num_chunks)
                                                                            for m in models],
-                                             decoders, contexts, prompts, list(seeds))
+                                             decoders, contexts, prompts, list(seeds), speed_scale)
                 rows += [row, *others]
                 table2[(arm, steps, ffe)] = row
                 log(f"{row['name']}: {row['overall']:.3f} [{row['overall_lo']:.3f}, {row['overall_hi']:.3f}]")
@@ -217,7 +220,9 @@ def run(teacher: Path | None, students: dict[str, list[Path]], vae: Path, config
 def to_markdown(result: dict, meta: dict) -> str:
     cols = ["overall", "adherence", "consistency", "smoothness", "artifact_rate", "stray_rate", "presence",
             "shape", "motion", "background"]
-    lines = [f"ToyBench, {meta['prompts']} prompts x seeds {meta['seeds']}, {meta['chunks']} chunks; "
+    speed = meta.get("speed_scale", 1.0)
+    speed = "" if speed == 1.0 else f", objects at {speed:g}x the grammar's speeds"
+    lines = [f"ToyBench, {meta['prompts']} prompts x seeds {meta['seeds']}, {meta['chunks']} chunks{speed}; "
              f"overall with its 95% bootstrap interval over prompts; `runs`: each training seed's mean.", "",
              "| row | overall [95% CI] | runs | " + " | ".join(cols[1:]) + " | videos |",
              "|---|---|---|" + "---|" * (len(cols) - 1) + "---|"]
@@ -255,6 +260,22 @@ def model_config(checkpoints: list, preset: str) -> ModelConfig:
     return next(iter(found.values())) if found else ModelConfig.preset(preset)
 
 
+def data_speed_scale(teacher, students: list) -> float:
+    """The motion speed of the data the models learnt (`data.speed_scale` of the run's config.json
+    beside each checkpoint): the teacher's when it has one, else the students' (which must
+    agree); 1 without any."""
+    def read(c):
+        run_cfg = Path(c).parent / "config.json"
+        return float(json.loads(run_cfg.read_text()).get("data", {}).get("speed_scale", 1.0)) if run_cfg.is_file() \
+            else None
+    if teacher is not None and read(teacher) is not None:
+        return read(teacher)
+    found = {c: v for c in students if (v := read(c)) is not None}
+    if len(set(found.values())) > 1:
+        raise ValueError(f"the students were trained on data of different speeds {found}; give --speed-scale")
+    return next(iter(found.values()), 1.0)
+
+
 def main(argv=None) -> int:
     from asd_deploy.cli import positive_int, run_command, seed_arg
 
@@ -272,8 +293,13 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--tiny-decoder", default=None,
                    help="tiny decoder folder: every row is also decoded by it, with its paired difference")
+    p.add_argument("--speed-scale", type=float, default=None,
+                   help="the data's motion speed (a multiple of SPEED_RANGE) for the real-video rows and the "
+                        "scorer; default: data.speed_scale of the teacher's run config.json (else 1)")
     p.add_argument("--out", default="training/reports/ablation", help="writes OUT.md and OUT.json")
     a = p.parse_args(argv)
+    if a.speed_scale is not None and not 0 < a.speed_scale <= 4:
+        p.error(f"--speed-scale must be in (0, 4]; got {a.speed_scale}")
     for path in [a.teacher, *a.dmd, *a.asd]:
         if path is not None and not Path(path).is_file():
             p.error(f"checkpoint {path} does not exist")
@@ -282,14 +308,15 @@ def main(argv=None) -> int:
 
 def _main(a) -> int:
     students = {k: [Path(v) for v in vs] for k, vs in (("DMD only", a.dmd), ("ASD", a.asd)) if vs}
+    speed = a.speed_scale if a.speed_scale is not None else data_speed_scale(a.teacher, [*a.dmd, *a.asd])
     result = run(Path(a.teacher) if a.teacher else None, students, Path(a.vae),
                  model_config([a.teacher, *a.dmd, *a.asd], a.config),
                  a.prompts, a.seeds, a.chunks, a.teacher_steps, a.guidance,
-                 tiny_decoder=Path(a.tiny_decoder) if a.tiny_decoder else None)
+                 tiny_decoder=Path(a.tiny_decoder) if a.tiny_decoder else None, speed_scale=speed)
     out = Path(a.out)
     meta = {"prompts": a.prompts, "seeds": a.seeds, "chunks": a.chunks, "config": a.config, "vae": a.vae,
             "checkpoints": {"teacher": a.teacher, "dmd": a.dmd, "asd": a.asd}, "tiny_decoder": a.tiny_decoder,
-            "bootstrap_draws": BOOTSTRAP}
+            "speed_scale": speed, "bootstrap_draws": BOOTSTRAP}
     atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**result, **meta}, indent=1)))
     md = to_markdown(result, meta)
     atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))

@@ -203,8 +203,10 @@ def _runs(mask: np.ndarray):
     return zip(edges[::2], edges[1::2])
 
 
-def _straightness(tr: dict, h: int, w: int) -> float:
-    """1 / (1 + rel^2) of the centroid's off-line residual (1 when too short to measure, 0 if absent)."""
+def _straightness(tr: dict, h: int, w: int, speed_scale: float = 1.0) -> float:
+    """1 / (1 + rel^2) of the centroid's off-line residual (1 when too short to measure, 0 if absent).
+    `speed_scale`: the data's speeds as a multiple of SPEED_RANGE (its top speed caps the wall
+    tolerance)."""
     p, c, box = tr["present"], tr["centroid"], tr["box"]
     if not p.any():
         return 0.0
@@ -214,7 +216,7 @@ def _straightness(tr: dict, h: int, w: int) -> float:
     speed = np.median(np.abs(np.diff(c, axis=0))[both], axis=0) if both.any() else np.zeros(2)   # [2] x, y
     # a wall is within one frame of motion of a bounce's turning frame; the speed that widens this
     # tolerance is capped at the dataset's fastest, so fast erratic motion cannot excuse itself
-    tol = 1.5 + 1.5 * np.minimum(speed, SPEED_RANGE[1] * min(h, w))
+    tol = 1.5 + 1.5 * np.minimum(speed, SPEED_RANGE[1] * speed_scale * min(h, w))
     residuals = []
     for axis, (lo, hi, size) in enumerate(((0, 1, w), (2, 3, h))):
         y = c[:, axis]
@@ -233,12 +235,16 @@ def _straightness(tr: dict, h: int, w: int) -> float:
     return float(1.0 / (1.0 + rel * rel))
 
 
-def score_video(video: np.ndarray, caption: str) -> dict:
+def score_video(video: np.ndarray, caption: str, speed_scale: float = 1.0) -> dict:
     """Metrics of one uint8 [T, H, W, 3] video against its procedural-grammar caption (see the
-    module doc), plus the adherence details presence / shape / motion / background."""
+    module doc), plus the adherence details presence / shape / motion / background.
+    `speed_scale`: the training data's `data.speed_scale` (its top speed bounds the motion that
+    may excuse a turn near a wall; 1: SPEED_RANGE as it is)."""
     video = np.asarray(video)
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or not len(video):
         raise ValueError(f"video must be uint8 [T, H, W, 3] with T >= 1; got {video.dtype} {list(video.shape)}")
+    if not 0 < speed_scale <= 4:
+        raise ValueError(f"speed_scale must be in (0, 4] (a multiple of SPEED_RANGE); got {speed_scale}")
     spec = parse_caption(caption)
     t, h, w = video.shape[:3]
     labels = [color_labels(f) for f in video]
@@ -258,7 +264,7 @@ def score_video(video: np.ndarray, caption: str) -> dict:
         p = tr["present"]
         shape_ok = float(np.mean([s == shape for s, q in zip(tr["shape"], p) if q])) if p.any() else 0.0
         motion = _motion_ok(tr, direction)
-        steady, straight = _steadiness(tr), _straightness(tr, h, w)
+        steady, straight = _steadiness(tr), _straightness(tr, h, w, speed_scale)
         per["object"].append(p.mean() * (0.5 + 0.25 * shape_ok + 0.25 * motion))
         per["presence"].append(p.mean())
         per["shape"].append(shape_ok)
