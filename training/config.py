@@ -63,7 +63,8 @@ class DataConfig:
     seed: int = 0
     cache_dir: str | None = None  # LatentCache folder; default <out>/latents
     vae: str = "tiny"           # "tiny" (random-weight Wan-layout VAE) or a diffusers AutoencoderKLWan folder
-    text_encoder: str = "default"  # "default" (bundled MiniLM, 384-dim) or a umT5 folder
+    text_encoder: str = "default"  # "default" (the shipped grammar encoder, 384-dim), "minilm" (all-MiniLM-
+    #                                L6-v2; the `[train]` extra), a grammar encoder folder or a umT5 folder
     max_objects: int = 3        # procedural videos: shapes per video
     speed_scale: float = 1.0    # procedural videos: speeds are SPEED_RANGE times this
 

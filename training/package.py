@@ -43,7 +43,10 @@ def package_model(checkpoint: Path, vae: Path, out: Path, prefer: str = "generat
     check_state_dict(sd, mcfg)
     if not (vae / "config.json").is_file():
         raise FileNotFoundError(f"VAE folder {vae} has no config.json (expected `python -m training.vae` output)")
-    meta = {"model": mcfg.to_dict(), "text_encoder": train_cfg.data.text_encoder, "fps": 16,
+    te = train_cfg.data.text_encoder
+    # a model trained on MiniLM's embeddings is served by the grammar encoder distilled from them
+    # (the "default", torch only); its error on the grammar is in asd_deploy/assets/text_encoder
+    meta = {"model": mcfg.to_dict(), "text_encoder": "default" if te in ("minilm", "default") else te, "fps": 16,
             "checkpoint": "dit.safetensors", "trained": True,
             "source": {"checkpoint": str(checkpoint), "weights": prefer, "weights_hash": state_dict_hash(sd),
                        "train_config": train_cfg.name, **(info or {})}}

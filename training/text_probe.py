@@ -173,6 +173,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=positive_int, default=64, help="one-object videos probed")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 0.7, 0.85, 0.95])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-encoder", default="default",
+                   help="what the checkpoints were trained with: 'default' (the grammar encoder), 'minilm' (every "
+                        "model trained before 2026-12-07, whose configs say 'default') or a folder")
     p.add_argument("--clean-frames", type=int, default=0,
                    help="latent frames of chunk 0 given clean (the loss is over the others): 1 gives the start")
     p.add_argument("--motion", action="store_true", help="also the decoded motion test (needs --vae)")
@@ -202,7 +205,7 @@ def _main(a) -> int:
     if a.motion:
         from asd_deploy.vae import VideoVAE
         vae = VideoVAE.from_pretrained(a.vae)
-    text = load_text_encoder("default", cfg.text_len)
+    text = load_text_encoder(a.text_encoder, cfg.text_len)
     contexts = {"true": text.encode(captions)}
     for kind in ATTRIBUTES:
         contexts[kind] = text.encode([swap_attribute(c, kind) for c in captions])

@@ -48,6 +48,13 @@ from .rollout import FORWARD_METHODS, StepRandom, TrainNet, derive_seed
 # ---------------------------------------------------------------------------------------------
 
 
+def _cache_encoder_name(name: str) -> str:
+    """The text encoder's name in a cache key. Until 2026-12-07 "default" named MiniLM: its caches
+    keep that key (they stay valid as "minilm"), and the grammar encoder that took the name gets
+    its own."""
+    return {"minilm": "default", "default": "grammar"}.get(name, name)
+
+
 class LatentCache:
     """Training latents [N, C, F, h, w] (normalized) and prompt embeddings [N, text_len, text_dim]."""
 
@@ -70,7 +77,8 @@ class LatentCache:
         return {"format": LatentCache.FORMAT, "height": m.height, "width": m.width, "channels": m.in_channels,
                 "frames": m.pixel_frames_for(d.num_chunks * m.frames_per_chunk), "text_len": m.text_len,
                 "text_dim": m.text_dim, "num_samples": d.num_samples, "seed": d.seed, "vae": d.vae,
-                "text_encoder": d.text_encoder, "max_objects": d.max_objects, "vae_weights": _vae_weights_hash(d.vae)} \
+                "text_encoder": _cache_encoder_name(d.text_encoder), "max_objects": d.max_objects,
+                "vae_weights": _vae_weights_hash(d.vae)} \
             | ({"speed_scale": d.speed_scale} if d.speed_scale != 1.0 else {})  # caches from before it stay valid
 
     @classmethod
