@@ -240,9 +240,10 @@ class GrammarTextEncoder(TextEncoder):
         for i, p in enumerate(prompts):
             seq, unknown = tok.ids(p)
             where = "prompt" if single else f"prompt {i}"
-            new = sorted(set(unknown) - self._warned)
-            if new:
+            with self._lock:
+                new = sorted(set(unknown) - self._warned)
                 self._warned.update(new)
+            if new:
                 warnings.warn(f"{where} has words outside the default text encoder's vocabulary {new}: each is "
                               f"encoded as one unknown token (the default model was trained on the prompt grammar "
                               f"only; text_encoder='minilm' encodes any English)", stacklevel=2)
@@ -252,7 +253,7 @@ class GrammarTextEncoder(TextEncoder):
                 seq = seq[:L - 1] + [tok.sep]
             ids[i, :len(seq)] = torch.tensor(seq)
             mask[i, :len(seq)] = 1
-        with self._lock, torch.no_grad():
+        with torch.no_grad():   # the net keeps no state between calls: no lock needed
             hidden = self.model(ids.to(self.device), mask.to(self.device))
         return hidden.float() * mask.to(self.device).unsqueeze(-1).to(torch.float32)
 
