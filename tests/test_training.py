@@ -604,6 +604,15 @@ def test_procedural_latent_cache(tmp_path):
                        "speed_scale": 2.0})
     with pytest.raises(ValueError, match="speed_scale"):
         LatentCache.load(tmp_path / "c", LatentCache.key(fast))
+    # MiniLM's caches keep the key they had when "default" named MiniLM; the grammar encoder, which
+    # took the name, gets its own, so an old cache is never read as the grammar encoder's
+    enc = {n: LatentCache.key(micro(data={"source": "procedural", "text_encoder": n}))["text_encoder"]
+           for n in ("minilm", "default")}
+    assert enc == {"minilm": "default", "default": "grammar"}
+    minilm = micro(data={"source": "procedural", "num_samples": 3, "num_chunks": 1, "cache_dir": str(tmp_path / "c"),
+                         "text_encoder": "minilm"})
+    with pytest.raises(ValueError, match="text_encoder"):
+        LatentCache.load(tmp_path / "c", LatentCache.key(minilm))
 
 
 def test_disc_ratio_trains_the_discriminator_every_nth_step(cfg):
