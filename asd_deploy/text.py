@@ -194,6 +194,21 @@ class GrammarTokenizer:
                 unknown.append(w)
         return out + [self.sep], unknown
 
+    def batch(self, prompts: list[str], L: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, list[str]]]]:
+        """[B, L] ids (padded, truncated keeping [SEP]) and mask, and per prompt (its token count
+        before truncation, its unknown words)."""
+        ids = torch.full((len(prompts), L), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(prompts), L, dtype=torch.long)
+        info = []
+        for i, p in enumerate(prompts):
+            seq, unknown = self.ids(p)
+            info.append((len(seq), unknown))
+            if len(seq) > L:
+                seq = seq[:L - 1] + [self.sep]
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
+        return ids, mask, info
+
 
 class GrammarTextEncoder(TextEncoder):
     """The default prompt encoder of the small models: `GrammarNet` from a folder written by
@@ -234,11 +249,9 @@ class GrammarTextEncoder(TextEncoder):
     def encode(self, prompts: str | list[str]) -> torch.Tensor:
         single = isinstance(prompts, str)
         prompts = _check_prompts(prompts)
-        L, tok = self.text_len, self.tokenizer
-        ids = torch.full((len(prompts), L), tok.pad, dtype=torch.long)
-        mask = torch.zeros(len(prompts), L, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            seq, unknown = tok.ids(p)
+        L = self.text_len
+        ids, mask, info = self.tokenizer.batch(prompts, L)
+        for i, (n, unknown) in enumerate(info):
             where = "prompt" if single else f"prompt {i}"
             with self._lock:
                 new = sorted(set(unknown) - self._warned)
@@ -247,12 +260,9 @@ class GrammarTextEncoder(TextEncoder):
                 warnings.warn(f"{where} has words outside the default text encoder's vocabulary {new}: each is "
                               f"encoded as one unknown token (the default model was trained on the prompt grammar "
                               f"only; text_encoder='minilm' encodes any English)", stacklevel=2)
-            if len(seq) > L:
-                warnings.warn(f"{where} has {len(seq)} tokens, text_len is {L}: {len(seq) - L} tokens dropped "
+            if n > L:
+                warnings.warn(f"{where} has {n} tokens, text_len is {L}: {n - L} tokens dropped "
                               f"(shorten the prompt or raise text_len)", stacklevel=2)
-                seq = seq[:L - 1] + [tok.sep]
-            ids[i, :len(seq)] = torch.tensor(seq)
-            mask[i, :len(seq)] = 1
         with torch.no_grad():   # the net keeps no state between calls: no lock needed
             hidden = self.model(ids.to(self.device), mask.to(self.device))
         return hidden.float() * mask.to(self.device).unsqueeze(-1).to(torch.float32)

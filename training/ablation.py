@@ -247,14 +247,16 @@ def to_markdown(result: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_config(checkpoint) -> dict | None:
+    """The run config `training.train` writes beside a checkpoint (None without one)."""
+    path = Path(checkpoint).parent / "config.json" if checkpoint else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
 def model_config(checkpoints: list, preset: str) -> ModelConfig:
     """The model config the checkpoints were trained with (`training.train` writes it beside
     each checkpoint); all must agree. Without one, the preset."""
-    found = {}
-    for c in checkpoints:
-        run_cfg = Path(c).parent / "config.json" if c else None
-        if run_cfg is not None and run_cfg.is_file():
-            found[c] = ModelConfig.from_dict(json.loads(run_cfg.read_text())["model"])
+    found = {c: ModelConfig.from_dict(run["model"]) for c in checkpoints if (run := _run_config(c)) is not None}
     if len({m.to_json() for m in found.values()}) > 1:
         raise ValueError(f"the checkpoints were trained with different model configs: {sorted(found)}")
     return next(iter(found.values())) if found else ModelConfig.preset(preset)
@@ -265,11 +267,10 @@ def data_speed_scale(teacher, students: list) -> float:
     beside each checkpoint): the teacher's when it has one, else the students' (which must
     agree); 1 without any."""
     def read(c):
-        run_cfg = Path(c).parent / "config.json"
-        return float(json.loads(run_cfg.read_text()).get("data", {}).get("speed_scale", 1.0)) if run_cfg.is_file() \
-            else None
-    if teacher is not None and read(teacher) is not None:
-        return read(teacher)
+        run = _run_config(c)
+        return None if run is None else float(run.get("data", {}).get("speed_scale", 1.0))
+    if (mine := read(teacher)) is not None:
+        return mine
     found = {c: v for c in students if (v := read(c)) is not None}
     if len(set(found.values())) > 1:
         raise ValueError(f"the students were trained on data of different speeds {found}; give --speed-scale")

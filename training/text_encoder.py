@@ -10,14 +10,15 @@ vocabulary (the grammar's words and ",", ".", "the", each split into MiniLM's wo
 outputs line up position by position), the distillation (a pool of `--pool` sampled prompts
 encoded by MiniLM once, then MSE to its per-token last hidden states on the real tokens, in units
 of each channel's spread) and the report in the output's
-config.json: on held-out captions and the first `--eval-prompts` of `eval_prompts`, the relative
-error and the worst per-token cosine. Does not own the network or its loading
+config.json: on `--eval-prompts` held-out sampled prompts and on 64 of `eval_prompts`, the
+relative error and the worst per-token cosine. Does not own the network or its loading
 (`asd_deploy.text.GrammarNet`, `GrammarTextEncoder`).
 
 Why: MiniLM's files come from a PyPI package whose requirements pull ~205 MB (sentence-transformers,
 scikit-learn, scipy) into every install; the small models here only ever read the grammar, so a
-0.65-M-parameter encoder distilled on it (2.6 MB, torch only) serves them in MiniLM's place. MiniLM stays
-what training uses (the `[train]` extra); the output folder is written atomically.
+0.65-M-parameter encoder distilled on it (2.6 MB, torch only) serves them in MiniLM's place, and
+training reads captions through it too (MiniLM, the `[train]` extra, is needed only to distil it
+and for models trained before it); the output folder is written atomically.
 """
 from __future__ import annotations
 
@@ -73,13 +74,10 @@ def build_vocabulary(teacher: MiniLMTextEncoder) -> tuple[dict[str, list[int]], 
 
 
 def _batch(tok: GrammarTokenizer, prompts: list[str], L: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.full((len(prompts), L), tok.pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        seq, unknown = tok.ids(p)
-        if unknown or len(seq) > L:
+    ids, mask, info = tok.batch(prompts, L)
+    for p, (n, unknown) in zip(prompts, info):
+        if unknown or n > L:
             raise ValueError(f"training prompt {p!r} is off the vocabulary ({unknown}) or longer than {L} tokens")
-        ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
     return ids, mask
 
 
