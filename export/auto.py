@@ -106,7 +106,7 @@ def choose(results: list[dict], steps: int) -> dict:
 
 
 def build_auto(*, config=None, checkpoint="default", precision="fp32", steps=1, ffe=True, ffe_steps=4, batch=1,
-               out=None, force=False, log=None, decoder="vae", vae=None, tiny_decoder=None,
+               out=None, force=False, log=None, decoder=None, vae=None, tiny_decoder=None,
                candidates=CANDIDATES, timer=time_candidates) -> Path:
     """Build each of `candidates` (skipping those that cannot build here, with the reason), time
     them with `timer`, keep the fastest as `<out>/<config>-s<steps>[f4]-auto-<precision>-<weights>`

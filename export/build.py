@@ -3,7 +3,7 @@
     python -m export.build --steps 1 [--no-ffe] [--ffe-steps 4] [--config tiny|small|medium|wan2.1-1.3b]
         [--checkpoint PATH|default|random] [--backend ort|aoti|trt] [--precision fp32|fp16|bf16]
         [--opset 18|23] [--batch 1] [--out DIR | --engine DIR] [--force] [--no-validate] [--quiet]
-        [--decoder vae|tiny|none] [--vae FOLDER] [--tiny-decoder FOLDER]
+        [--decoder vae|tiny|vae,tiny|none] [--vae FOLDER] [--tiny-decoder FOLDER]
     python -m export.build --backend auto ...   (builds ort 18/23 and aoti frozen/not, keeps the fastest here)
 
 Owns: the build stages and the manifest they write, where the folder goes, and one build per
@@ -20,8 +20,9 @@ weights hash, shapes, precision, opset, tool versions); `--force` rebuilds:
   trt:  export -> TensorRT engines for step and cross_kv (strongly typed; opset 23, falling back to 18
         when the parser rejects Attention/RMSNormalization) -> validate on the GPU
         (written to the TensorRT 10.x/11 docs, not run here: no GPU; fails naming what is missing)
-  ort/aoti also export the decoder (`--decoder`, default the model's VAE): decode_first and
-  decode_next with the causal cache as inputs/outputs (`decoder.py`), under the same manifest.
+  ort/aoti also export the decoders (`--decoder`, default the model's VAE and, when the model ships
+  one, its tiny decoder): decode_first and decode_next with the causal cache as inputs/outputs
+  (`decoder.py`), under the same manifest; the first listed is the one the C++ runtime runs.
 `validate` runs the engine once against the eager model and records the error in the manifest.
 Every artifact is written under a temporary name and renamed; the manifest is rewritten after
 each stage with complete=false and finally with complete=true, so an interrupted build never
@@ -223,11 +224,12 @@ def _validate(folder: Path, manifest: dict, model, batch: int) -> dict:
 def build(*, config: str | None = None, checkpoint: str = "default", backend: str = "ort",
           precision: str = "fp32", steps: int = 1, ffe: bool = True, ffe_steps: int = 4, opset: int | None = None,
           batch: int = 1, out=None, engine=None, force: bool = False, validate: bool = True, log=None,
-          lock_timeout: float | None = None, decoder: str = "vae", vae: str | None = None,
+          lock_timeout: float | None = None, decoder: str | None = None, vae: str | None = None,
           tiny_decoder: str | None = None, inductor_configs: dict | None = None) -> Path:
     """Build (or bring up to date) one engine folder; returns its path. `out`: parent folder
     (default: the user's engine cache); `engine`: exactly this folder instead of OUT/NAME.
-    `decoder`/`vae`/`tiny_decoder`: the decoder exported beside the DiT (`decoder.py`);
+    `decoder`/`vae`/`tiny_decoder`: the decoders exported beside the DiT, a comma list (`decoder.py`;
+    None: the VAE, and the tiny decoder when the model ships one);
     `inductor_configs` (aoti) replaces `INDUCTOR_CONFIGS`. `backend="auto"`: build the
     candidates, time them here, keep the fastest (`auto.py`)."""
     if backend == "auto":
@@ -245,12 +247,15 @@ def build(*, config: str | None = None, checkpoint: str = "default", backend: st
         raise EngineError(f"--out {out} is a file; it must be the folder engine folders go in")
     from asd_deploy.registry import load_dit
 
-    from .decoder import resolve_decoder
+    from .decoder import decoder_kinds, resolve_decoder
 
     loaded = load_dit(checkpoint, config)
     cfg = loaded.config
-    dec = resolve_decoder(decoder if backend in ("ort", "aoti") else "none", checkpoint, cfg, vae, tiny_decoder)
-    dec_args = dict(net=dec[0], source=dec[1], kind=decoder, vae=vae, tiny=tiny_decoder)
+    kinds = decoder_kinds(decoder, checkpoint, tiny_decoder) if backend in ("ort", "aoti") else ()
+    if decoder is not None and backend not in ("ort", "aoti"):
+        decoder_kinds(decoder)  # validates the spelling; other backends export no decoder
+    dec_args = dict(nets=[(k, *resolve_decoder(k, checkpoint, cfg, vae, tiny_decoder)) for k in kinds],
+                    spec=decoder, vae=vae, tiny=tiny_decoder)
     dtype = precision_dtype(precision)
     model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
     folder = Path(engine) if engine is not None else out / engine_dir_name(
@@ -271,8 +276,9 @@ def _build_locked(folder, loaded, model, cfg, dtype, schedule, *, checkpoint, ba
     args = {"config": cfg.name, "checkpoint": checkpoint, "backend": backend, "precision": precision,
             "opset": opset, "batch": batch, "steps": steps, "ffe": ffe, "ffe_steps": ffe_steps, "out": str(out)}
     rebuild = build_command(**{k: v for k, v in args.items() if k != "out"}, engine=folder, force=True)
-    if dec["net"] is not None and (dec["kind"], dec["vae"], dec["tiny"]) != ("vae", None, None):
-        rebuild += " " + shlex.join(["--decoder", dec["kind"]] + (["--vae", dec["vae"]] if dec["vae"] else [])
+    if dec["nets"] and (dec["spec"], dec["vae"], dec["tiny"]) != (None, None, None):
+        rebuild += " " + shlex.join(["--decoder", ",".join(k for k, _, _ in dec["nets"])]
+                                    + (["--vae", dec["vae"]] if dec["vae"] else [])
                                     + (["--tiny-decoder", dec["tiny"]] if dec["tiny"] else []))
     log(f"engine {folder.name} -> {folder}")
     log(f"  model {cfg.name} ({checkpoint}{'' if loaded.trained else ', RANDOM weights'}), weights "
@@ -384,12 +390,17 @@ def _build_locked(folder, loaded, model, cfg, dtype, schedule, *, checkpoint, ba
             key = stage_key(stage="build", graph=g, **base)
             stage("build", f"{g}.pt2", key, lambda p, g=g: export_aoti(specs[g], p, inductor_configs))
         manifest["runtime"] = {"step": "step.pt2", "cross_kv": "cross_kv.pt2"}
-    if dec["net"] is not None:
+    if dec["nets"]:
         from .decoder import build_decoder
-        log(f"  decoder: {dec['kind']} from {dec['source']}")
-        manifest["decoder"], dec_runtime = build_decoder(stage, folder, dec["net"], dec["source"], dec["kind"], cfg,
-                                                         batch, backend, base, opset, inductor_configs)
-        manifest["runtime"].update(dec_runtime)
+        manifest["decoders"] = {}
+        for i, (kind, net, source) in enumerate(dec["nets"]):
+            log(f"  decoder: {kind} from {source}" + (" (primary: the C++ runtime's)" if i == 0 and
+                                                      len(dec["nets"]) > 1 else ""))
+            meta, dec_runtime = build_decoder(stage, folder, net, source, kind, cfg, batch, backend, base, opset,
+                                              inductor_configs, primary=i == 0)
+            manifest["decoders"][kind] = meta
+            manifest["runtime"].update(dec_runtime)
+        manifest["decoder"] = manifest["decoders"][dec["nets"][0][0]]
 
     if not rebuilt and old.get("complete") and old.get("runtime") == manifest["runtime"]:
         log("engine is up to date (use --force to rebuild)")
@@ -401,10 +412,10 @@ def _build_locked(folder, loaded, model, cfg, dtype, schedule, *, checkpoint, ba
         worst = max(v["max_abs_err"] for v in manifest["validation"]["outputs"].values())
         log(f"[validate] max abs error {worst:.2e} over flow, k_new, v_new, cross_k, cross_v "
             f"({time.perf_counter() - t0:.1f} s)")
-        if dec["net"] is not None:
-            from .decoder import validate_decoder
-            manifest["decoder"]["validation"] = v = validate_decoder(folder, manifest, dec["net"])
-            log(f"[validate] decoder: max abs error {v['max_abs_err']:.2e} against the {v['reference']}")
+        from .decoder import validate_decoder
+        for kind, net, _ in dec["nets"]:
+            manifest["decoders"][kind]["validation"] = v = validate_decoder(folder, manifest, net, kind=kind)
+            log(f"[validate] {kind} decoder: max abs error {v['max_abs_err']:.2e} against the {v['reference']}")
     manifest["complete"] = True
     manifest["build"]["finished"] = _now()
     manifest["build"]["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
@@ -437,8 +448,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                     help="run the engine once against the eager model and record the error")
     ap.add_argument("--quiet", action="store_true", help="no progress lines (errors and the result still print)")
-    ap.add_argument("--decoder", default="vae", choices=("vae", "tiny", "none"),
-                    help="decoder exported beside the DiT (ort, aoti): the model's VAE, its tiny decoder, or none")
+    ap.add_argument("--decoder", default=None,
+                    help="decoders exported beside the DiT (ort, aoti), a comma list: vae (the model's VAE), tiny "
+                         "(its tiny decoder), e.g. vae,tiny; or none. The first is the one the C++ runtime runs. "
+                         "Default: vae, and tiny when the model ships one")
     ap.add_argument("--vae", default=None, help="VAE folder for --decoder vae (default: the model's)")
     ap.add_argument("--tiny-decoder", default=None,
                     help="tiny decoder folder for --decoder tiny (default: the model's)")

@@ -33,7 +33,7 @@ def tiny_model(tiny_cfg):
 @pytest.fixture(scope="session")
 def default_engines(tmp_path_factory):
     """(get, out): `get(backend, opset=None)` builds the default model's engine (with its VAE
-    decoder) into `out` the first time it is asked for and returns its folder; every test module
+    and tiny decoders) into `out` the first time it is asked for and returns its folder; every test module
     that needs one shares it (an AOTInductor build is about a minute on 2 cores). Treat the folders
     as read-only: a test that damages or edits an engine copies it first."""
     from export.build import DEFAULT_OPSET, build

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from asd_deploy.decoders import DecodeStream, make_decoder, pipeline_decoder
-from asd_deploy.decoders.engine import EngineDecodeNet, decode_signatures, decoder_hash
+from asd_deploy.decoders.engine import (EngineDecodeNet, decode_signatures, decoder_hash, decoder_section,
+                                        engine_decoder)
 from asd_deploy.decoders.tiny import TINY_DECODER_ARCHS, TinyDecoder, TinyDecoderConfig
 from asd_deploy.decoders.vae import VaeDecodeNet
 from asd_deploy.vae import VideoVAE
@@ -140,6 +141,18 @@ def test_decode_signatures_match_the_net(vae):
     assert [s.shape for s in sig["decode_next"].outputs[1:]] == net.cache_shapes(1, 4, 6)
 
 
+def test_decoder_kinds_of_a_build():
+    from export.decoder import decoder_kinds
+
+    assert decoder_kinds("vae,tiny") == ("vae", "tiny") and decoder_kinds("tiny") == ("tiny",)
+    assert decoder_kinds("tiny, vae") == ("tiny", "vae") and decoder_kinds("none") == ()
+    assert decoder_kinds(None, "default") == ("vae", "tiny")  # the default model ships a tiny decoder
+    assert decoder_kinds(None, "random") == ("vae",) and decoder_kinds(None, "random", "some/folder") == ("vae", "tiny")
+    for bad in ("vae,vae", "none,vae", "big", "", "vae,"):
+        with pytest.raises(ValueError, match="comma list"):
+            decoder_kinds(bad)
+
+
 @pytest.fixture(scope="module")
 def ort_engines(tmp_path_factory, default_engines):
     """The default model's ORT engine with its VAE decoder (the session's), and one with a tiny
@@ -202,3 +215,38 @@ def test_pipeline_runs_the_engine_decoder_only_for_its_weights(ort_engines):
     p3 = Pipeline.from_pretrained("default", backend="ort", engine=str(ort_engines[1]), decoder="tiny",
                                   tiny_decoder=str(ort_engines[2]))
     assert p3.info["decoder"] == "tiny (ort engine)"
+
+
+@pytest.mark.slow  # builds two ORT engines with decoders (~25 s)
+def test_default_engine_carries_the_vae_and_the_tiny_decoder(ort_engines, engine_latents):
+    """The default model ships a tiny decoder, so its engine carries both: the VAE first (the
+    primary, what the C++ runtime runs), each validated against its eager reference, and a
+    pipeline runs the one it is asked for from the engine."""
+    from asd_deploy.backends.manifest import read_manifest
+    from asd_deploy.pipeline import Pipeline
+    from asd_deploy.registry import ASSETS
+
+    folder = ort_engines[0]
+    m = read_manifest(folder)
+    assert set(m["decoders"]) == {"vae", "tiny"} and m["decoder"] == m["decoders"]["vae"]  # the VAE is primary
+    tiny = m["decoders"]["tiny"]
+    assert tiny["graphs"] == {"decode_first": "tiny_decode_first", "decode_next": "tiny_decode_next"}
+    assert m["decoder"]["graphs"] == {"decode_first": "decode_first", "decode_next": "decode_next"}
+    assert tiny["validation"]["max_abs_err"] <= TOL and m["runtime"]["tiny_decode_next"] in m["artifacts"]
+    net = TinyDecoder.from_pretrained(ASSETS / "tiny_decoder")
+    assert tiny["weights_hash"] == decoder_hash(net)
+    eng = EngineDecodeNet(folder, m, "tiny")
+    assert eng.name == "tiny (ort engine)"
+    assert_close(_stream(eng.stream(), engine_latents, [3, 3, 3]), net.stream().decode_chunk(engine_latents), TOL,
+                 "ORT tiny decoder beside the VAE")
+    for kind in ("vae", "tiny"):
+        pipe = Pipeline.from_pretrained("default", backend="ort", engine=str(folder), decoder=kind)
+        assert pipe.info["decoder"] == f"{kind} (ort engine)", pipe.info
+    # an engine built before engines carried several decoders has only the `decoder` section
+    legacy = {k: v for k, v in m.items() if k != "decoders"}
+    assert decoder_section(legacy) == decoder_section(legacy, "vae") == m["decoder"]
+    assert decoder_section(legacy, "tiny") is None
+    none, why = engine_decoder(folder, legacy, "tiny", tiny["weights_hash"])
+    assert none is None and "--decoder vae,tiny" in why
+    with pytest.raises(ValueError, match="no 'tiny' decoder graphs"):
+        EngineDecodeNet(folder, legacy, "tiny")

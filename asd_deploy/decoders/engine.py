@@ -3,7 +3,8 @@
 Owns: the decoder graphs' I/O contract (`decode_signatures`: names, static shapes, dtypes of
 `decode_first` and `decode_next`), a decode net's weights identity (`decoder_hash`), and
 `EngineDecodeNet` (the two graphs behind the `DecodeNet` signature) with `engine_decoder`, which
-picks it from an engine's manifest when it was built from the same decoder weights. Does not own
+picks it from an engine's manifest when it was built from the same decoder weights (an engine may
+carry several decoders: `decoder_section`; see `export/decoder.py`). Does not own
 export or the manifest's other fields (`export/`, `backends/manifest.py`).
 
 Graphs (float32 always: the decoder is exported at fp32 whatever the DiT's precision):
@@ -59,11 +60,24 @@ def decoder_hash(net) -> str:
     return state_dict_hash(sd)
 
 
-class EngineDecodeNet:
-    """The decoder graphs of an engine folder as a `DecodeNet` (CPU; static chunk size and batch)."""
+def decoder_section(manifest: dict, kind: str | None = None) -> dict | None:
+    """The manifest section of the engine's decoder `kind` (None: its primary decoder), or None.
+    Engines built before several decoders existed have only the `decoder` section."""
+    primary = manifest.get("decoder")
+    if kind is None:
+        return primary
+    sections = manifest.get("decoders") or ({primary["kind"]: primary} if primary else {})
+    return sections.get(kind)
 
-    def __init__(self, engine_dir, manifest: dict):
-        meta = manifest["decoder"]
+
+class EngineDecodeNet:
+    """The decoder graphs of an engine folder as a `DecodeNet` (CPU; static chunk size and batch).
+    `kind`: which of the engine's decoders (None: its primary one)."""
+
+    def __init__(self, engine_dir, manifest: dict, kind: str | None = None):
+        meta = decoder_section(manifest, kind)
+        if meta is None:
+            raise ValueError(f"engine {Path(engine_dir).name} has no " + (f"{kind!r} " if kind else "") + "decoder graphs")
         self.engine_dir, self.meta = Path(engine_dir), meta
         self.backend = manifest["backend"]
         self.name = f"{meta['kind']} ({self.backend} engine)"
@@ -72,10 +86,11 @@ class EngineDecodeNet:
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.batch, self.frames = meta["batch"], meta["frames"]
         self.h, self.w = meta["latent_hw"]
-        self._sig = {g: signature_from_record(meta["shapes"][g]) for g in DECODE_GRAPHS}
+        names = meta.get("graphs") or {g: g for g in DECODE_GRAPHS}   # role -> runtime entry
+        self._sig = {g: signature_from_record(meta["shapes"][g]) for g in DECODE_GRAPHS}  # by role
         self._caches = [t.shape for t in self._sig["decode_next"].inputs[1:]]
         rt = manifest["runtime"]
-        paths = {g: self.engine_dir / rt[g] for g in DECODE_GRAPHS}
+        paths = {g: self.engine_dir / rt[names[g]] for g in DECODE_GRAPHS}
         if self.backend == "ort":
             import onnxruntime as ort
             opts = ort.SessionOptions()
@@ -138,14 +153,16 @@ class EngineDecodeNet:
 
 def engine_decoder(engine_dir, manifest: dict, kind: str, weights_hash: str) -> tuple[EngineDecodeNet | None, str]:
     """The engine's decoder if it was built from `kind` with these weights, else (None, why not)."""
-    meta = manifest.get("decoder")
-    if not meta:
+    if not manifest.get("decoder"):
         return None, "the engine has no decoder graphs (built with --decoder none, or before they existed)"
-    if meta["kind"] != kind:
-        return None, f"the engine's decoder is {meta['kind']!r}, {kind!r} was asked for"
+    meta = decoder_section(manifest, kind)
+    if meta is None:
+        have = ",".join(sorted(manifest.get("decoders") or [manifest["decoder"]["kind"]]))
+        return None, (f"the engine's decoders are {have!r}, {kind!r} was asked for (build it with "
+                      f"--decoder {have},{kind} to run both from the engine)")
     if meta["weights_hash"] != weights_hash:
         return None, (f"the engine's {kind} decoder was built from other weights ({meta.get('source')}); rebuild "
                       f"the engine to export this one")
     if manifest.get("device", "cpu") != "cpu" or manifest["backend"] not in ("ort", "aoti"):
         return None, f"decoder engines run on the CPU through ort or aoti; this engine is {manifest['backend']}"
-    return EngineDecodeNet(engine_dir, manifest), ""
+    return EngineDecodeNet(engine_dir, manifest, kind), ""
