@@ -265,13 +265,15 @@ def test_c_abi_never_crashes_the_host(native, tmp_path):
     lib.asd_destroy(h)
 
 
-def _python_frames(loaded, ctx, chunks, seed, schedule):
+def _python_frames(loaded, ctx, chunks, seed, schedule, decoder="vae"):
     """The Python side's frames for the same prompt, seed and schedule: eager latents through
-    diffusers' streaming decode of the default VAE, as uint8."""
+    diffusers' streaming decode of the default VAE (or the eager tiny decoder), as uint8."""
+    from asd_deploy.decoders.tiny import TinyDecoder
     from asd_deploy.registry import ASSETS
     from asd_deploy.vae import VideoVAE, to_uint8_frames
 
-    dec = VideoVAE.from_pretrained(ASSETS / "vae").stream_decoder()
+    dec = (VideoVAE.from_pretrained(ASSETS / "vae").stream_decoder() if decoder == "vae" else
+           TinyDecoder.from_pretrained(ASSETS / "tiny_decoder").stream())
     lat = generate(EagerStep(loaded.model), ctx, num_chunks=chunks, schedule=schedule, seed=seed)
     return np.concatenate([to_uint8_frames(dec.decode_chunk(c)) for c in lat])
 
@@ -301,6 +303,27 @@ def test_cpp_writes_frames_and_mp4(native, tmp_path):
     shifted = np.abs(video[1:].astype(float) - got[:-1]).mean()
     assert err < 12 and err < 0.5 * shifted, (err, shifted)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "prompt.npy", "v.mp4"]  # no temp files
+
+
+def test_cpp_decodes_with_the_engine_decoder_it_is_asked_for(native, tmp_path):
+    """The default engine carries the VAE (primary) and the tiny decoder: `--decoder tiny` writes
+    the eager tiny decoder's frames (up to uint8 rounding); a decoder the engine lacks is a clear
+    error naming what it has and how to rebuild."""
+    _, _, loaded = native
+    ctx, prompt = _prompt(tmp_path, loaded.config)
+    r = _stream(native, "--prompt", prompt, "--chunks", 3, "--seed", 2, "--frames", tmp_path / "t.npy",
+                "--decoder", "tiny")
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "t.npy")
+    ref = _python_frames(loaded, ctx, 3, 2, _manifest_schedule(native[1]), decoder="tiny")
+    vae = _python_frames(loaded, ctx, 3, 2, _manifest_schedule(native[1]))
+    assert got.shape == ref.shape == vae.shape
+    diff = np.abs(got.astype(int) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-2, (diff.max(), (diff > 0).mean())
+    assert np.abs(got.astype(int) - vae).mean() > 0.5  # not the VAE's frames: the decoder asked for ran
+    r = _stream(native, "--prompt", prompt, "--frames", tmp_path / "x.npy", "--decoder", "big")
+    assert r.returncode == 1 and 'no "big" decoder' in r.stderr and "tiny" in r.stderr and "vae" in r.stderr
+    assert not (tmp_path / "x.npy").exists()
 
 
 def test_cpp_frames_need_a_decoder_and_ffmpeg(native, tmp_path):

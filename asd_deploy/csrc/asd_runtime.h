@@ -50,6 +50,9 @@ typedef struct asd_options {
   int32_t steps;      /* denoising steps per chunk, 1..4; 0 = the manifest's */
   int32_t ffe;        /* First-Frame Enhancement: 1 on, 0 off, -1 = the manifest's */
   int32_t threads;    /* intra-op CPU threads; 0 = leave libtorch's default */
+  const char* decoder; /* which of the engine's decoders decodes frames: "vae", "tiny" (export.build
+                          --decoder vae,tiny); NULL or "" = its primary one (the first built).
+                          Read only while asd_create runs. */
 } asd_options;
 
 typedef struct asd_runtime asd_runtime;

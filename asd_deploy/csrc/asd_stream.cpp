@@ -2,7 +2,7 @@
 //
 //   asd_stream --engine engines/tiny-s1-aoti-fp32 --prompt prompt.npy --chunks 4 --seed 0 \
 //              [--out latents.npy] [--chunk-dir chunks/] [--frames frames.npy] [--video video.mp4]
-//              [--ffmpeg PATH] [--fps 16] [--steps N] [--ffe 0|1] [--threads N]
+//              [--ffmpeg PATH] [--fps 16] [--steps N] [--ffe 0|1] [--threads N] [--decoder vae|tiny]
 //
 // Outputs (at least one):
 //   --out        the clean latents stacked as [1, C, 3 * chunks, h, w] float32 (.npy)
@@ -12,7 +12,8 @@
 //   --video      an H.264 mp4 of the frames, piped chunk by chunk into ffmpeg (--ffmpeg PATH, or
 //                `ffmpeg` on PATH; the imageio-ffmpeg wheel ships one), written to a temporary
 //                name and renamed when ffmpeg finished cleanly
-// Frames need the engine's decoder graphs (export.build exports them unless --decoder none).
+// Frames need the engine's decoder graphs (export.build exports them unless --decoder none);
+// --decoder picks one of the engine's decoders (default: its primary, the first built).
 // The prompt embedding comes from `python -m asd_deploy encode-prompt`. Uses only the C API.
 #include <chrono>
 #include <cstdio>
@@ -35,7 +36,7 @@ int usage(const char* why) {
                "asd_stream: %s\n"
                "usage: asd_stream --engine DIR --prompt EMBEDDING.npy [--out LATENTS.npy] [--frames FRAMES.npy]\n"
                "                  [--video VIDEO.mp4] [--chunks N] [--seed S] [--chunk-dir DIR] [--ffmpeg PATH]\n"
-               "                  [--fps F] [--steps 1..4] [--ffe 0|1] [--threads N]\n"
+               "                  [--fps F] [--steps 1..4] [--ffe 0|1] [--threads N] [--decoder vae|tiny]\n"
                "  DIR from: python -m export.build --backend aoti --steps 1\n"
                "  EMBEDDING.npy from: python -m asd_deploy encode-prompt --prompt \"...\" --out EMBEDDING.npy\n",
                why);
@@ -119,7 +120,7 @@ class Mp4Pipe {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string engine, prompt, out, chunk_dir, frames_out, video_out, ffmpeg = "ffmpeg";
+  std::string engine, prompt, out, chunk_dir, frames_out, video_out, ffmpeg = "ffmpeg", decoder;
   long long chunks = 4, seed = 0, steps = 0, ffe = -1, threads = 0, fps = 16;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -134,6 +135,7 @@ int main(int argc, char** argv) {
     else if (a == "--frames") frames_out = v;
     else if (a == "--video") video_out = v;
     else if (a == "--ffmpeg") ffmpeg = v;
+    else if (a == "--decoder") decoder = v;
     else if (a == "--fps") ok = parse_int(v, 1, 1000, &fps);
     else if (a == "--chunks") ok = parse_int(v, 1, 1000000, &chunks);
     else if (a == "--seed") ok = parse_int(v, 0, 0x7fffffffffffffffLL, &seed);
@@ -172,6 +174,7 @@ int main(int argc, char** argv) {
   opts.steps = static_cast<int32_t>(steps);
   opts.ffe = static_cast<int32_t>(ffe);
   opts.threads = static_cast<int32_t>(threads);
+  opts.decoder = decoder.empty() ? nullptr : decoder.c_str();
   auto t0 = std::chrono::steady_clock::now();
   asd_runtime* rt = nullptr;
   if (asd_create(engine.c_str(), &opts, &rt) != ASD_OK) return fail("cannot load the engine");

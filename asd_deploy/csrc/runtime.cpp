@@ -201,9 +201,37 @@ struct Runtime {
 
     const auto& rt = m.at("runtime");
     const auto& arts = m.at("artifacts");
-    const bool has_decoder = rt.has("decode_first") && rt.has("decode_next");
+    // which decoder: options.decoder names one of the engine's ("decoders" section, each with the
+    // runtime entries of its graphs); none named: the primary ("decoder", graphs decode_first/next)
+    const std::string want = options.decoder ? options.decoder : "";
+    const json::Value* dec = nullptr;
+    std::string first_role = "decode_first", next_role = "decode_next";
+    if (!want.empty()) {
+      if (m.has("decoders") && m.at("decoders").has(want)) {
+        dec = &m.at("decoders").at(want);
+        if (dec->has("graphs")) {
+          first_role = dec->at("graphs").at("decode_first").str();
+          next_role = dec->at("graphs").at("decode_next").str();
+        }
+      } else if (m.has("decoder") && !m.at("decoder").is_null() && m.at("decoder").at("kind").str() == want) {
+        dec = &m.at("decoder");  // built before engines carried several decoders
+      } else {
+        std::string have;
+        if (m.has("decoders"))
+          for (const auto& kv : m.at("decoders").object) have += (have.empty() ? "" : ",") + kv.first;
+        else if (m.has("decoder") && !m.at("decoder").is_null())
+          have = m.at("decoder").at("kind").str();
+        throw Error(ASD_ERR_ENGINE, "engine " + dir + " has no \"" + want + "\" decoder (it has: " +
+                    (have.empty() ? std::string("none") : have) + "); rebuild it with --decoder " +
+                    (have.empty() ? want : have + "," + want) + " (its build command: " +
+                    (rebuild.empty() ? std::string("python -m export.build --backend aoti") : rebuild) + ")");
+      }
+    } else if (m.has("decoder") && !m.at("decoder").is_null()) {
+      dec = &m.at("decoder");
+    }
+    const bool has_decoder = dec != nullptr && rt.has(first_role) && rt.has(next_role);  // else latents only
     std::vector<std::string> roles{"step", "cross_kv"};
-    if (has_decoder) roles.insert(roles.end(), {"decode_first", "decode_next"});
+    if (has_decoder) roles.insert(roles.end(), {first_role, next_role});
     for (const auto& role : roles) {
       const std::string name = rt.at(role).str();
       const std::string path = dir + "/" + name;
@@ -221,11 +249,11 @@ struct Runtime {
       std::string first = e.what();
       engine_error("its AOTInductor packages could not be loaded (" + first.substr(0, first.find('\n')) + ")");
     }
-    if (has_decoder) load_decoder(m.at("decoder"), rt);
+    if (has_decoder) load_decoder(*dec, rt.at(first_role).str(), rt.at(next_role).str());
   }
 
-  // The decoder's static shapes (manifest "decoder" section, ordered I/O lists) and its packages.
-  void load_decoder(const json::Value& d, const json::Value& rt) {
+  // The decoder's static shapes (its manifest section: ordered I/O lists by graph role) and its packages.
+  void load_decoder(const json::Value& d, const std::string& first_file, const std::string& next_file) {
     const auto& first_out = d.at("shapes").at("decode_first").at("outputs");
     const auto& next_in = d.at("shapes").at("decode_next").at("inputs");
     const auto& next_out = d.at("shapes").at("decode_next").at("outputs");
@@ -240,8 +268,8 @@ struct Runtime {
     frame_w = video[4];
     try {
       using Loader = torch::inductor::AOTIModelPackageLoader;
-      dec_first = std::make_unique<Loader>(dir + "/" + rt.at("decode_first").str(), "model");
-      dec_next = std::make_unique<Loader>(dir + "/" + rt.at("decode_next").str(), "model");
+      dec_first = std::make_unique<Loader>(dir + "/" + first_file, "model");
+      dec_next = std::make_unique<Loader>(dir + "/" + next_file, "model");
     } catch (const std::exception& e) {
       std::string first = e.what();
       engine_error("its decoder packages could not be loaded (" + first.substr(0, first.find('\n')) + ")");
@@ -394,6 +422,7 @@ void asd_default_options(asd_options* o) {
   o->steps = 0;
   o->ffe = -1;
   o->threads = 0;
+  o->decoder = nullptr;
 }
 
 asd_status asd_create(const char* engine_dir, const asd_options* options, asd_runtime** out) {
