@@ -115,7 +115,8 @@ def _sha(folder: Path, graph: str) -> str:
     return sha256_file(folder / f"{graph}.onnx")
 
 
-def validate_decoder(folder: Path, manifest: dict, net, chunks: int = 3, seed: int = 1, kind: str | None = None) -> dict:
+def validate_decoder(folder: Path, manifest: dict, net, chunks: int = 3, seed: int = 1,
+                     kind: str | None = None) -> dict:
     """A `chunks`-chunk stream through the engine's decoder `kind` (None: the primary) against the
     eager reference (for the VAE: diffusers' own frame-by-frame streaming decode,
     `VideoVAE.stream_decoder`)."""

@@ -77,7 +77,8 @@ class EngineDecodeNet:
     def __init__(self, engine_dir, manifest: dict, kind: str | None = None):
         meta = decoder_section(manifest, kind)
         if meta is None:
-            raise ValueError(f"engine {Path(engine_dir).name} has no " + (f"{kind!r} " if kind else "") + "decoder graphs")
+            what = f"{kind!r} decoder" if kind else "decoder"
+            raise ValueError(f"engine {Path(engine_dir).name} has no {what} graphs")
         self.engine_dir, self.meta = Path(engine_dir), meta
         self.backend = manifest["backend"]
         self.name = f"{meta['kind']} ({self.backend} engine)"
