@@ -196,6 +196,10 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-encoder", default=None,
                    help="the model's text encoder overridden: 'default' (the grammar encoder), 'minilm' "
                         "(all-MiniLM-L6-v2, the [minilm] extra) or a local umT5 folder")
+    s.add_argument("--decoder", default="vae", choices=("vae", "tiny"),
+                   help="latents -> frames in each stream: the model's VAE decoder, or its tiny decoder (much "
+                        "faster); an engine backend runs the engine's decoder when it was built from the same weights")
+    s.add_argument("--tiny-decoder", default=None, help="tiny decoder folder overriding the model's tiny_decoder/")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--max-streams", type=int, default=4,
@@ -325,7 +329,7 @@ def _pipeline(args, batch: int = 1):
     from .pipeline import Pipeline
 
     dec = dict(decoder=getattr(args, "decoder", "vae"), tiny_decoder=getattr(args, "tiny_decoder", None),
-               pipelined=getattr(args, "pipelined", True))  # `serve` has no decoder options (yet)
+               pipelined=getattr(args, "pipelined", True))  # serve: no --pipelined (each consumer decodes)
     if args.checkpoint:  # a bare DiT checkpoint with the default VAE/text encoder of its config
         return Pipeline.from_checkpoint(args.checkpoint, args.config, backend=args.backend, engine=args.engine,
                                         vae=args.vae, text_encoder=args.text_encoder, device=args.device,

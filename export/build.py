@@ -396,7 +396,9 @@ def _build_locked(folder, loaded, model, cfg, dtype, schedule, *, checkpoint, ba
         for i, (kind, net, source) in enumerate(dec["nets"]):
             log(f"  decoder: {kind} from {source}" + (" (primary: the C++ runtime's)" if i == 0 and
                                                       len(dec["nets"]) > 1 else ""))
-            meta, dec_runtime = build_decoder(stage, folder, net, source, kind, cfg, batch, backend, base, opset,
+            # batch 1 whatever the DiT's batch: every consumer (a pipeline, a server slot) decodes
+            # one stream at a time
+            meta, dec_runtime = build_decoder(stage, folder, net, source, kind, cfg, 1, backend, base, opset,
                                               inductor_configs, primary=i == 0)
             manifest["decoders"][kind] = meta
             manifest["runtime"].update(dec_runtime)

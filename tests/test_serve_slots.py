@@ -5,6 +5,7 @@ never below 1e-4); no server here (test_serve_app.py)."""
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -261,6 +262,16 @@ def test_batched_engine_slots_equal_eager_solo(pipe, tmp_path_factory, backend, 
     engine.close()
     assert_close(lat_a, _solo(pipe, PROMPTS[0], 2, True, 2, 5), _tol(2, True, 5), f"{backend} batch-3 slot a vs eager solo")
     assert_close(lat_b, _solo(pipe, PROMPTS[1], 1, False, 3, 4), _tol(1, False, 4), f"{backend} batch-3 slot b vs eager solo")
+    # the engine's decoder graphs are batch 1 whatever the DiT's batch (each slot decodes its own
+    # stream): a decoded slot gives the eager pipeline's frames up to uint8 rounding
+    assert epipe.info["decoder"] == f"vae ({backend} engine)", epipe.info
+    engine = SlotEngine(epipe, 3)
+    c = engine.open(PROMPTS[0], steps=1, ffe=False, seed=4, frames=_frames(cfg, 2))
+    got = np.concatenate([x.frames for x in _run(c)])
+    engine.close()
+    ref = pipe(PROMPTS[0], steps=1, ffe=False, seed=4, frames=_frames(cfg, 2))[0]
+    diff = np.abs(got.astype(int) - ref)
+    assert got.shape == ref.shape and diff.max() <= 2 and (diff > 0).mean() < 1e-2, (diff.max(), (diff > 0).mean())
 
 
 def test_live_cache_step_in_slots(pipe):
@@ -311,3 +322,13 @@ def test_slot_timesteps_follow_the_model_config(pipe):
     # chunk 0 with FFE (4 steps), its clean pass (t = 0), chunk 1 at 2 steps
     want = [500 * x for x in denoising_sigmas(4)] + [0.0] + [500 * x for x in denoising_sigmas(2)]
     assert seen == pytest.approx(want, rel=1e-6)
+
+
+def test_serve_decodes_with_the_decoder_it_is_given():
+    """`serve --decoder tiny` streams through the model's tiny decoder (a server's decode is its
+    cost per stream); the default stays the VAE."""
+    from asd_deploy.cli import _build_parser, _pipeline
+
+    for argv, want in ((["serve"], "vae"), (["serve", "--decoder", "tiny"], "tiny")):
+        args = _build_parser().parse_args(argv)
+        assert _pipeline(args, batch=args.max_streams).info["decoder"] == want

@@ -21,7 +21,7 @@ import socket
 import time
 
 DEFAULTS = dict(model="default", checkpoint=None, config=None, backend="eager", engine=None, device="cpu", vae=None,
-                text_encoder=None)
+                text_encoder=None, decoder="vae", tiny_decoder=None)
 
 
 def deployment(pipeline_args: dict, *, replicas: int = 1, max_streams: int = 4, max_chunks: int = 64,
