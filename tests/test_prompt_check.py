@@ -92,16 +92,23 @@ def test_readme_picture_is_command_1s_sheet(shipped, tmp_path):
 
 def test_shipped_default_shows_its_background_and_colour(shipped_checks):
     """The README's prompts x 2 seeds, read by the independent checker: the named background in
-    every video, the named colour in most (0.72 over the 4 seeds of the committed
-    training/reports/prompt_check.md, read through the grammar encoder; 0.75 through MiniLM, which
-    it was trained with; the previous dim-64 default had 0.00)."""
+    every video, the named colour in most (0.75 over the 4 seeds of the committed
+    training/reports/prompt_check.md; the previous default had 0.72, the dim-64 one before it 0.00)."""
     rate = {k: np.mean([c[k] for c in shipped_checks]) for k in WORDS}
     assert rate["background"] == 1.0 and rate["color"] >= 0.6, rate
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 goal not met: the shipped 64x96 DMD-only student gets background "
-                                       "and colour right but rarely the shape and almost never the direction "
-                                       "(shape 0.34, direction 0.09 over 4 seeds): the teacher never learnt motion")
+def test_shipped_default_moves_its_object_the_named_way(shipped_checks):
+    """The named direction of motion in 7 of these 16 videos (0.62 over the 4 seeds of the committed
+    report; the previous default, whose teacher never learnt motion from text, 0.09, and a random
+    heading 1/8): the bar leaves room for a video or two to round the other way on another CPU."""
+    rate = {k: np.mean([c[k] for c in shipped_checks]) for k in WORDS}
+    assert rate["direction"] >= 0.3, rate
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17 goal not met: the shipped 64x96 DMD-only student gets background, "
+                                       "colour and mostly the direction right but the shape in under half the "
+                                       "videos (colour 0.75, shape 0.44, direction 0.62 over 4 seeds)")
 def test_shipped_default_shows_its_colour_shape_and_direction(shipped_checks):
     rate = {k: np.mean([c[k] for c in shipped_checks]) for k in WORDS}
     assert min(rate["color"], rate["shape"], rate["direction"]) >= 0.75, rate
