@@ -37,7 +37,9 @@ def _pipeline(args, batch: int):
     from asd_deploy.pipeline import Pipeline
 
     if args.config == "default":
-        return Pipeline.from_pretrained("default", backend=args.backend, batch=batch)
+        return Pipeline.from_pretrained("default", backend=args.backend, batch=batch, decoder=args.decoder)
+    if args.decoder != "vae":
+        raise ValueError(f"--decoder {args.decoder}: a random-weights preset has no tiny decoder; use --config default")
     return Pipeline.from_checkpoint("random", args.config, backend=args.backend, batch=batch)
 
 
@@ -114,10 +116,11 @@ def run_streams(pipe, n: int, chunks: int, steps: int, ffe: bool, switch_mode: s
 
 
 def write_report(res: dict, out: Path):
-    lines = [f"# Serving: {res['config']} ({res['backend']}), {res['schedule']}", "",
+    lines = [f"# Serving: {res['config']} ({res['backend']}, {res.get('decoder', 'vae')} decoder), {res['schedule']}", "",
              f"`{res['command']}`", "",
              f"{res['machine']['cpu']}, {res['machine']['cores']} cores, torch {res['machine']['torch']}; "
-             "in process (slot engine + VAE decode + JPEG per consumer thread), no network.", "",
+             f"in process (slot engine + {res.get('decoder_impl', 'VAE')} decode + JPEG per consumer thread), no "
+             "network.", "",
              "| streams | aggregate FPS | FPS per stream | p99 chunk latency (ms) | p99 gap (ms) | max TTFF (ms) | "
              "step calls/s | switch, re-cache (ms) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -145,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--chunks", type=int, default=12, help="chunks per stream")
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--ffe", action=argparse.BooleanOptionalAction, default=True, help="First-Frame Enhancement")
+    ap.add_argument("--decoder", default="vae", choices=("vae", "tiny"),
+                    help="each stream's decoder: the model's VAE or its tiny decoder (as `serve --decoder`)")
     ap.add_argument("--out", default=None, help="report folder (default benchmarks/reports/<date>-<host>)")
     args = ap.parse_args(argv)
     counts = [int(s) for s in args.streams.split(",")]
@@ -154,7 +159,8 @@ def main(argv=None):
 
     ffe = args.ffe
     res = {"command": "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "config": args.config, "backend": args.backend, "schedule": Schedule(args.steps, ffe).describe(),
+           "config": args.config, "backend": args.backend, "decoder": args.decoder,
+           "schedule": Schedule(args.steps, ffe).describe(),
            "machine": machine_info(), "runs": []}
     any_batch = args.backend in ("eager", "compile")  # one pipeline serves every N; engines are per batch
     pipe = _pipeline(args, 1) if any_batch else None
@@ -166,6 +172,7 @@ def main(argv=None):
     pipe = pipe or _pipeline(args, 1)
     res["cut"] = run_streams(pipe, 1, args.chunks, args.steps, ffe, switch_mode="cut")
     res["config_name"] = pipe.config.name
+    res["decoder_impl"] = pipe.info["decoder"]
     out = Path(args.out) if args.out else report_dir()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "serving.json", res)

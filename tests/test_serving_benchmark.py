@@ -18,6 +18,7 @@ def test_report_files_and_rows(report):
     out, res = report
     assert (out / "serving.md").read_text().count("\n| ") == 3  # header + 2 rows
     assert [r["streams"] for r in res["runs"]] == [1, 2]
+    assert res["decoder"] == "vae" and res["decoder_impl"] == "vae" and "vae decoder" in (out / "serving.md").read_text()
     for r in res["runs"]:
         assert len(r["per_stream"]) == r["streams"]
         assert all(s["chunks"] == 5 and s["end"] == "complete" for s in r["per_stream"])
@@ -27,3 +28,8 @@ def test_report_files_and_rows(report):
         assert r["switch_s"] > 0, "stream 0 switched its prompt mid-way and the latency was measured"
     assert res["cut"]["switch_mode"] == "cut" and res["cut"]["switch_s"] > 0
     assert res["runs"][1]["ticks"] < 2 * res["runs"][0]["ticks"], "two streams shared the step calls"
+
+
+def test_tiny_decoder_needs_a_model_that_ships_one(tmp_path):
+    with pytest.raises(ValueError, match="no tiny decoder"):
+        main(["--config", "tiny", "--decoder", "tiny", "--streams", "1", "--chunks", "5", "--out", str(tmp_path)])
