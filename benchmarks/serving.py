@@ -116,10 +116,10 @@ def run_streams(pipe, n: int, chunks: int, steps: int, ffe: bool, switch_mode: s
 
 
 def write_report(res: dict, out: Path):
-    lines = [f"# Serving: {res['config']} ({res['backend']}, {res.get('decoder', 'vae')} decoder), {res['schedule']}", "",
+    lines = [f"# Serving: {res['config']} ({res['backend']}, {res['decoder']} decoder), {res['schedule']}", "",
              f"`{res['command']}`", "",
              f"{res['machine']['cpu']}, {res['machine']['cores']} cores, torch {res['machine']['torch']}; "
-             f"in process (slot engine + {res.get('decoder_impl', 'VAE')} decode + JPEG per consumer thread), no "
+             f"in process (slot engine + {res['decoder_impl']} decode + JPEG per consumer thread), no "
              "network.", "",
              "| streams | aggregate FPS | FPS per stream | p99 chunk latency (ms) | p99 gap (ms) | max TTFF (ms) | "
              "step calls/s | switch, re-cache (ms) |",

@@ -251,9 +251,9 @@ def build(*, config: str | None = None, checkpoint: str = "default", backend: st
 
     loaded = load_dit(checkpoint, config)
     cfg = loaded.config
-    kinds = decoder_kinds(decoder, checkpoint, tiny_decoder) if backend in ("ort", "aoti") else ()
-    if decoder is not None and backend not in ("ort", "aoti"):
-        decoder_kinds(decoder)  # validates the spelling; other backends export no decoder
+    kinds = decoder_kinds(decoder, checkpoint, tiny_decoder)   # validates the spelling for every backend
+    if backend not in ("ort", "aoti"):
+        kinds = ()   # decoder engines are CPU graphs for ort and aoti
     dec_args = dict(nets=[(k, *resolve_decoder(k, checkpoint, cfg, vae, tiny_decoder)) for k in kinds],
                     spec=decoder, vae=vae, tiny=tiny_decoder)
     dtype = precision_dtype(precision)

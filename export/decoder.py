@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 DECODER_CHOICES = ("vae", "tiny", "none")
-PRIMARY_GRAPHS = ("decode_first", "decode_next")
 VALIDATE_TOL = 1e-4  # fp32 engine vs eager, max abs error on frames in [-1, 1]
 
 
@@ -40,11 +39,6 @@ def decoder_kinds(spec: str | None, checkpoint: str = "default", tiny: str | Non
         raise ValueError(f"--decoder takes a comma list of {list(DECODER_CHOICES[:2])} without repeats, or 'none'; "
                          f"got {spec!r}")
     return () if kinds == ("none",) else kinds
-
-
-def decoder_graphs(kind: str, primary: bool) -> dict[str, str]:
-    """{graph role: runtime entry} of one decoder of an engine (the primary keeps the plain names)."""
-    return {g: g if primary else f"{kind}_{g}" for g in PRIMARY_GRAPHS}
 
 
 def resolve_decoder(kind: str, checkpoint: str, config, vae: str | None = None, tiny: str | None = None):
@@ -76,7 +70,7 @@ def build_decoder(stage, folder: Path, net, source: str, kind: str, config, batc
     returns (its manifest section without validation, runtime entries). `primary`: the engine's
     first decoder (plain graph names); the others' graphs are prefixed with their kind."""
     from asd_deploy.backends.manifest import stage_key
-    from asd_deploy.decoders.engine import decoder_hash, signature_record
+    from asd_deploy.decoders.engine import decoder_graphs, decoder_hash, signature_record
 
     from .spec import decoder_specs
 

@@ -60,6 +60,12 @@ def decoder_hash(net) -> str:
     return state_dict_hash(sd)
 
 
+def decoder_graphs(kind: str, primary: bool) -> dict[str, str]:
+    """{graph role: runtime entry} of one decoder of an engine: the primary (first built) keeps the
+    plain names, the others' are prefixed with their kind (`tiny_decode_first`, ...)."""
+    return {g: g if primary else f"{kind}_{g}" for g in DECODE_GRAPHS}
+
+
 def decoder_section(manifest: dict, kind: str | None = None) -> dict | None:
     """The manifest section of the engine's decoder `kind` (None: its primary decoder), or None.
     Engines built before several decoders existed have only the `decoder` section."""
@@ -87,7 +93,7 @@ class EngineDecodeNet:
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.batch, self.frames = meta["batch"], meta["frames"]
         self.h, self.w = meta["latent_hw"]
-        names = meta.get("graphs") or {g: g for g in DECODE_GRAPHS}   # role -> runtime entry
+        names = meta.get("graphs") or decoder_graphs(meta["kind"], primary=True)  # role -> runtime entry
         self._sig = {g: signature_from_record(meta["shapes"][g]) for g in DECODE_GRAPHS}  # by role
         self._caches = [t.shape for t in self._sig["decode_next"].inputs[1:]]
         rt = manifest["runtime"]
