@@ -4,7 +4,9 @@ the fastest.
 Owns: the candidate list (`CANDIDATES`: ONNX Runtime at opset 18 and 23, AOTInductor frozen
 and not), `cpu_features` (what the CPU offers that decides between them: AVX2, AVX-512, VNNI,
 BF16, AMX ...), `time_candidates` (each engine's chunk step and decoder step timed round-robin,
-so drift hits all alike), `choose` (the fastest steady chunk: steps + clean pass + decode) and
+so drift hits all alike; every decoder the engines carry), `choose` (the fastest steady chunk:
+steps + clean pass + decode by the primary decoder, the first of `--decoder`; the fastest with each
+other decoder is recorded as `best_by_decoder`) and
 `build_auto`, which writes the winner as its own engine folder (`<config>-s1f4-auto-fp32-<weights>`) whose
 manifest is the winner's plus an `auto` section: every candidate's timing or failure, the
 choice, the CPU. The losers' folders are deleted. `generate --backend auto` loads it
@@ -67,42 +69,49 @@ def _round_robin(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
 
 
 def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int = 7, warmup: int = 2) -> dict:
-    """{name: {"step_s", "decode_s" (None without decoder)}} for each built engine folder."""
+    """{name: {"step_s", "decode_s" (the primary decoder's; None without one), "decoders_s" ({kind:
+    seconds} for every decoder the engine carries)}} for each built engine folder."""
     from asd_deploy.backends import open_engine
     from asd_deploy.backends.manifest import read_manifest
     from asd_deploy.decoders.engine import EngineDecodeNet
 
     from .spec import sample_step_inputs
 
-    fns = {}
+    fns, primary = {}, {}
     for name, folder in folders.items():
         m = read_manifest(folder)
         step = open_engine(folder, m)
         args = tuple(a.to(step.dtype) if a.is_floating_point() else a
                      for a in sample_step_inputs(config, batch, seed=2))
         fns[(name, "step_s")] = lambda step=step, args=args: step(*args)
-        if m.get("decoder"):
-            dec = EngineDecodeNet(folder, m)
-            h, w = dec.h, dec.w
-            lat = torch.randn(batch, dec.z_dim, dec.frames, h, w)
-            caches = tuple(torch.zeros(s) for s in dec.cache_shapes(batch, h, w))
-            fns[(name, "decode_s")] = lambda dec=dec, lat=lat, caches=caches: dec.next(lat, caches)
+        primary[name] = (m.get("decoder") or {}).get("kind")
+        for kind in (m.get("decoders") or ({primary[name]: None} if primary[name] else {})):
+            dec = EngineDecodeNet(folder, m, kind)
+            lat = torch.randn(dec.batch, dec.z_dim, dec.frames, dec.h, dec.w)
+            caches = tuple(torch.zeros(s) for s in dec.cache_shapes(dec.batch, dec.h, dec.w))
+            fns[(name, kind)] = lambda dec=dec, lat=lat, caches=caches: dec.next(lat, caches)
     timed = _round_robin(fns, repeats, warmup)
-    return {name: {"step_s": timed[(name, "step_s")], "decode_s": timed.get((name, "decode_s"))} for name in folders}
+    out = {}
+    for name in folders:
+        decs = {k: v for (n, k), v in timed.items() if n == name and k != "step_s"}
+        out[name] = {"step_s": timed[(name, "step_s")], "decode_s": decs.get(primary[name]), "decoders_s": decs}
+    return out
 
 
-def chunk_seconds(timing: dict, steps: int) -> float:
-    """A steady chunk's cost: `steps` denoising calls + the clean pass, + its decode."""
-    return (steps + 1) * timing["step_s"] + (timing["decode_s"] or 0.0)
+def chunk_seconds(timing: dict, steps: int, decoder: str | None = None) -> float:
+    """A steady chunk's cost: `steps` denoising calls + the clean pass, + its decode by `decoder`
+    (None: the engine's primary decoder)."""
+    dec = timing["decode_s"] if decoder is None else (timing.get("decoders_s") or {}).get(decoder)
+    return (steps + 1) * timing["step_s"] + (dec or 0.0)
 
 
-def choose(results: list[dict], steps: int) -> dict:
-    """The fastest candidate that built and timed (by `chunk_seconds`); raises if none did."""
+def choose(results: list[dict], steps: int, decoder: str | None = None) -> dict:
+    """The fastest candidate that built and timed (by `chunk_seconds` with `decoder`); raises if none did."""
     ok = [r for r in results if "error" not in r]
     if not ok:
         raise RuntimeError("no --backend auto candidate could be built here: "
                            + "; ".join(f"{r['name']}: {r['error']}" for r in results))
-    return min(ok, key=lambda r: chunk_seconds(r, steps))
+    return min(ok, key=lambda r: chunk_seconds(r, steps, decoder))
 
 
 def build_auto(*, config=None, checkpoint="default", precision="fp32", steps=1, ffe=True, ffe_steps=4, batch=1,
@@ -158,14 +167,20 @@ def build_auto(*, config=None, checkpoint="default", precision="fp32", steps=1, 
         if r["name"] in timings:
             r.update(timings[r["name"]])
             r["chunk_s"] = chunk_seconds(r, steps)
-            dec = "-" if r["decode_s"] is None else f"{1e3 * r['decode_s']:.2f} ms"
+            decs = r.get("decoders_s") or {}
+            dec = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in decs.items()) or "-"
             log(f"[auto] {r['name']}: step {1e3 * r['step_s']:.2f} ms, decode {dec}, chunk {1e3 * r['chunk_s']:.2f} ms")
     best = choose(results, steps)
+    kinds = {k for r in results for k in (r.get("decoders_s") or {})}
+    # the winner with each decoder: a deployment decoding with a non-primary decoder is warned when
+    # another candidate would have been faster for it (`pipeline_decoder`)
+    by_decoder = {k: choose(results, steps, k)["name"] for k in sorted(kinds)}
     manifest = read_manifest(folders[best["name"]])
     manifest["name"] = final.name
     manifest["rebuild"] = auto_build_command(cfg.name, checkpoint, batch, out) + " --force"
     manifest["auto"] = {"chosen": best["name"], "key": key, "criterion": f"{steps} step(s) + clean pass + decode "
-                        f"per steady chunk, median of round-robin timings", "candidates": results, "cpu": cpu}
+                        f"per steady chunk (the primary decoder's), median of round-robin timings", "best_by_decoder": by_decoder,
+                        "candidates": results, "cpu": cpu}
     src = folders[best["name"]]
 
     def fill(tmp: Path):

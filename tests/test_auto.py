@@ -13,8 +13,10 @@ from asd_deploy.registry import load_dit
 from export.auto import CANDIDATES, build_auto, choose, cpu_features, time_candidates
 
 CANDS = [c for c in CANDIDATES if c["backend"] == "ort"] + [{"name": "broken", "backend": "aoti", "opset": 18}]
-# ort-op23 has the faster step but the slower decoder: at 1 step a chunk is 2 step calls + 1 decode
-FAKE = {"ort-op18": {"step_s": 0.002, "decode_s": 0.005}, "ort-op23": {"step_s": 0.001, "decode_s": 0.009}}
+# ort-op23 has the faster step but the slower VAE decoder: at 1 step a chunk is 2 step calls + 1
+# decode, so op18 wins with the VAE (the primary decoder) and op23 with the tiny decoder
+FAKE = {"ort-op18": {"step_s": 0.002, "decode_s": 0.005, "decoders_s": {"vae": 0.005, "tiny": 0.003}},
+        "ort-op23": {"step_s": 0.001, "decode_s": 0.009, "decoders_s": {"vae": 0.009, "tiny": 0.001}}}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,7 @@ def test_fastest_whole_chunk_is_kept(auto_engine):
     assert set(rec) == {"ort-op18", "ort-op23", "broken"}
     assert rec["ort-op18"]["chunk_s"] == pytest.approx(2 * 0.002 + 0.005)
     assert rec["ort-op23"]["chunk_s"] == pytest.approx(2 * 0.001 + 0.009)
+    assert a["best_by_decoder"] == {"tiny": "ort-op23", "vae": "ort-op18"}
     assert "opset" in rec["broken"]["error"] and "step_s" not in rec["broken"]
     assert a["cpu"] == cpu_features() and a["cpu"]["model"] and isinstance(a["cpu"]["flags"], list)
     assert m["decoder"]["kind"] == "vae" and "decode_next" in m["runtime"]
@@ -72,13 +75,18 @@ def test_generate_with_auto_runs_the_chosen_engine(auto_engine):
     assert pipe.info["backend"] == "auto (ort-op18)" and pipe.info["decoder"] == "vae (ort engine)"
     video, _ = pipe("a red circle moving right", frames=9)
     assert video.shape == (9, pipe.config.height, pipe.config.width, 3)
+    # decoding with the tiny decoder, for which another candidate was faster: said, with the rebuild
+    with pytest.warns(UserWarning, match=r"candidate ort-op23 was faster.*--decoder tiny,vae"):
+        pipe = Pipeline.from_pretrained("default", backend="auto", engine=str(folder), decoder="tiny")
+    assert pipe.info["decoder"] == "tiny (ort engine)"
 
 
 @pytest.mark.slow  # builds and times every candidate engine (~50 s)
 def test_real_timer_times_every_graph(auto_engine):
     folder, _, _ = auto_engine
     t = time_candidates({"x": folder}, load_dit("default").config, 1, repeats=1, warmup=0)
-    assert t["x"]["step_s"] > 0 and t["x"]["decode_s"] > 0
+    assert t["x"]["step_s"] > 0 and t["x"]["decode_s"] == t["x"]["decoders_s"]["vae"] > 0
+    assert set(t["x"]["decoders_s"]) == {"vae", "tiny"} and t["x"]["decoders_s"]["tiny"] > 0
 
 
 def test_choose_and_errors(tmp_path):

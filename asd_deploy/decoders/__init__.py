@@ -24,6 +24,7 @@ Conventions (as `asd_deploy/vae.py`):
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -135,5 +136,15 @@ def pipeline_decoder(kind: str, vae, tiny=None, step=None):
     from ..backends.manifest import read_manifest
     from .engine import decoder_hash, engine_decoder
 
-    eng, why = engine_decoder(engine_dir, read_manifest(engine_dir), kind, decoder_hash(net))
-    return (eng, f"engine {Path(engine_dir).name}") if eng is not None else (net, f"eager ({why})")
+    manifest = read_manifest(engine_dir)
+    eng, why = engine_decoder(engine_dir, manifest, kind, decoder_hash(net))
+    if eng is None:
+        return net, f"eager ({why})"
+    auto = manifest.get("auto") or {}
+    best = (auto.get("best_by_decoder") or {}).get(kind)
+    if best and best != auto.get("chosen"):
+        warnings.warn(f"engine {Path(engine_dir).name} was chosen by --backend auto for its primary decoder "
+                      f"({manifest['decoder']['kind']}); decoding with {kind}, candidate {best} was faster here. "
+                      f"Rebuild with the decoder you run listed first: python -m export.build --backend auto "
+                      f"--decoder {kind},{manifest['decoder']['kind']} --force", stacklevel=2)
+    return eng, f"engine {Path(engine_dir).name}"
