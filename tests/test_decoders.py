@@ -75,7 +75,7 @@ def test_vae_net_rejects_wan22_layout():
         VaeDecodeNet(v)
 
 
-@pytest.mark.parametrize("arch", ["tiny", "demo"])
+@pytest.mark.parametrize("arch", ["tiny", "demo", "demo-lite"])
 def test_tiny_decoder_streams_causally(latents, arch):
     """Any split of the latents gives the one-shot frames (the cache carries time exactly); frame
     counts follow Wan's 1 + 4k layout; a later chunk never changes earlier frames."""
