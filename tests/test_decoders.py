@@ -250,3 +250,25 @@ def test_default_engine_carries_the_vae_and_the_tiny_decoder(ort_engines, engine
     assert none is None and "--decoder vae,tiny" in why
     with pytest.raises(ValueError, match="no 'tiny' decoder graphs"):
         EngineDecodeNet(folder, legacy, "tiny")
+
+
+def test_lite_tiny_decoder_exports_to_onnx(tmp_path):
+    """demo-lite's pixel-shuffle output exports (DepthToSpace) and runs in ONNX Runtime like eager."""
+    import onnxruntime as ort
+
+    from asd_deploy.config import ModelConfig
+    from export.onnx_export import export_onnx
+    from export.spec import decoder_specs
+
+    torch.manual_seed(0)
+    net = TinyDecoder(TINY_DECODER_ARCHS["demo-lite"]).eval()
+    spec = decoder_specs(net, ModelConfig.preset("demo"))[1]  # decode_next: latents + caches
+    export_onnx(spec, tmp_path / "next.onnx", 18)
+    sess = ort.InferenceSession(str(tmp_path / "next.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), spec.sample_inputs)}
+    got = sess.run(None, feeds)
+    with torch.no_grad():
+        want = spec.module(*spec.sample_inputs)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert_close(torch.from_numpy(g), w, 1e-5, "demo-lite decode_next ORT vs eager")
