@@ -99,3 +99,16 @@ def test_cli_errors(vae_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "training.tiny_decoder", "--vae", str(tmp_path / "none"), "--out",
                         str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_generated_latents_any_clip_length(tiny_model_dir):
+    """A clip length that is not whole chunks (the recipe's default 13 frames: 4 latent frames) gets
+    the first latent frames of whole chunks the DiT sampled, equal to the shorter run's."""
+    from asd_deploy.config import ModelConfig
+    from training.tiny_decoder import generated_latents
+
+    cfg = ModelConfig.preset("tiny")
+    four = generated_latents(str(tiny_model_dir), 1, 13, cfg, 0)
+    three = generated_latents(str(tiny_model_dir), 1, 9, cfg, 0)
+    assert four.shape[2] == 4 and three.shape[2] == 3
+    assert torch.equal(four[:, :, :3], three)

@@ -81,7 +81,9 @@ def model_config(model: str | None, config: str | None) -> ModelConfig:
 
 
 def generated_latents(dit: str, num: int, frames: int, cfg: ModelConfig, seed: int) -> torch.Tensor:
-    """[num, C, F, h, w] latents the DiT samples for procedural captions (1 step + FFE)."""
+    """[num, C, F, h, w] latents the DiT samples for procedural captions (1 step + FFE); F is the
+    latent frame count of `frames` pixel frames. The DiT makes whole chunks, so it samples the
+    fewest that cover F and the clip keeps the first F (the rest cannot change them: causal)."""
     from asd_deploy.pipeline import Pipeline
 
     from .data import ProceduralVideos
@@ -91,11 +93,14 @@ def generated_latents(dit: str, num: int, frames: int, cfg: ModelConfig, seed: i
         raise ValueError(f"--model {dit} generates {pipe.config.width}x{pipe.config.height}; --config {cfg.name} "
                          f"is {cfg.width}x{cfg.height}")
     caps = ProceduralVideos(num, seed, cfg.height, cfg.width, 1, max_objects=2)
+    stride, fpc = pipe.config.vae_stride[0], pipe.config.frames_per_chunk
+    keep = 1 + (frames - 1) // stride
+    whole = 1 + stride * (math.ceil(keep / fpc) * fpc - 1)  # pixel frames of the covering chunks
     lat = []
     for i in range(num):
-        s = pipe.stream(caps[i]["caption"], seed=seed + i, frames=frames, latents_only=True)
+        s = pipe.stream(caps[i]["caption"], seed=seed + i, frames=whole, latents_only=True)
         list(s)
-        lat.append(torch.cat(s.latents, dim=2)[0])
+        lat.append(torch.cat(s.latents, dim=2)[0, :, :keep])
     return torch.stack(lat)
 
 
