@@ -194,8 +194,14 @@ def decoders_for(args):
                     torch.manual_seed(0)
                     net = TinyDecoder(TINY_DECODER_ARCHS["demo"], source="random weights (speed only)").eval()
                 out["tiny"] = ("tiny", net, "random weights")
+        elif "=" in d:  # NAME=FOLDER: another tiny decoder, timed beside the others in the same run
+            name, folder = d.split("=", 1)
+            if not name or name in ("vae", "tiny") or not Path(folder, "config.json").is_file():
+                raise ValueError(f"--decoders {d!r}: expected NAME=FOLDER with a new NAME and a tiny decoder folder "
+                                 f"(python -m training.tiny_decoder) holding config.json")
+            out[name] = ("tiny", folder, f"trained ({folder})")
         else:
-            raise ValueError(f"--decoders takes vae and tiny; got {d!r}")
+            raise ValueError(f"--decoders takes vae, tiny and NAME=TINY_DECODER_FOLDER; got {d!r}")
     return out
 
 
@@ -351,7 +357,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="small", help="tiny | small | medium | default (the embedded model)")
     ap.add_argument("--backends", default="eager", help="eager, compile, ort18, ort23, aoti, auto, trt (comma list)")
-    ap.add_argument("--decoders", default="vae,tiny", help="end-to-end decoders: vae, tiny (comma list)")
+    ap.add_argument("--decoders", default="vae,tiny",
+                    help="end-to-end decoders (comma list): vae, tiny, and NAME=FOLDER for other tiny decoders "
+                         "timed beside them (an engine runs its own decoders; others run eagerly)")
     ap.add_argument("--steps", default="1,2")
     ap.add_argument("--ffe", action=argparse.BooleanOptionalAction, default=True,
                     help="First-Frame Enhancement: DiT-only rows of each step count with FFE, beside the plain "

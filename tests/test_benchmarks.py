@@ -163,3 +163,20 @@ def test_step_ceiling_accounts_for_the_whole_step(tmp_path):
     md = (tmp_path / "ceiling-tiny.md").read_text()
     shapes = set(step_linears(cfg))
     assert sum(md.count(f"| linear {m}x{k}x{n} ") for m, k, n in shapes) == 2 * len(shapes)  # oneDNN, torch.mm
+
+
+def test_named_tiny_decoders_are_timed_beside_the_others(tmp_path):
+    """`--decoders vae,tiny,lite=FOLDER`: a second tiny decoder gets its own rows in the same run;
+    a bad entry says what was expected."""
+    from types import SimpleNamespace
+
+    from asd_deploy.decoders.tiny import TINY_DECODER_ARCHS, TinyDecoder
+    from benchmarks.latency import decoders_for
+
+    TinyDecoder(TINY_DECODER_ARCHS["tiny"]).save(tmp_path / "td")
+    args = SimpleNamespace(decoders=["vae", f"lite={tmp_path / 'td'}"], config="default", vae=None, tiny_decoder=None)
+    got = decoders_for(args)
+    assert list(got) == ["vae", "lite"] and got["lite"][:2] == ("tiny", str(tmp_path / "td"))
+    for bad in (f"tiny={tmp_path / 'td'}", f"x={tmp_path}", "=x", "nope"):
+        with pytest.raises(ValueError, match="NAME="):
+            decoders_for(SimpleNamespace(decoders=[bad], config="default", vae=None, tiny_decoder=None))
