@@ -178,9 +178,10 @@ def build_auto(*, config=None, checkpoint="default", precision="fp32", steps=1, 
     manifest = read_manifest(folders[best["name"]])
     manifest["name"] = final.name
     manifest["rebuild"] = auto_build_command(cfg.name, checkpoint, batch, out) + " --force"
-    manifest["auto"] = {"chosen": best["name"], "key": key, "criterion": f"{steps} step(s) + clean pass + decode "
-                        f"per steady chunk (the primary decoder's), median of round-robin timings", "best_by_decoder": by_decoder,
-                        "candidates": results, "cpu": cpu}
+    manifest["auto"] = {"chosen": best["name"], "key": key,
+                        "criterion": f"{steps} step(s) + clean pass + decode by the primary decoder per steady "
+                                     f"chunk, median of round-robin timings",
+                        "best_by_decoder": by_decoder, "candidates": results, "cpu": cpu}
     src = folders[best["name"]]
 
     def fill(tmp: Path):

@@ -88,7 +88,8 @@ class TinyDecoderConfig:
 TINY_DECODER_ARCHS = {
     "tiny": TinyDecoderConfig(channels=(32, 24, 16, 8), memory_blocks=(1, 1, 0, 0), name="tiny"),
     "demo": TinyDecoderConfig(name="demo"),
-    # ~6x fewer FLOPs than "demo" per chunk: the pixel resolution only by pixel shuffle
+    # 4.8x fewer FLOPs than "demo" (0.59 against 2.85 GFLOP a 64x96 chunk): the pixel resolution only
+    # by pixel shuffle
     "demo-lite": TinyDecoderConfig(channels=(64, 32, 16), memory_blocks=(2, 1, 0), temporal_up=(True, True),
                                    shuffle_out=2, name="demo-lite"),
     "wan2.1": TinyDecoderConfig(channels=(128, 96, 64, 32), memory_blocks=(3, 2, 1, 0), name="wan2.1"),
