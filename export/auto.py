@@ -73,7 +73,7 @@ def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int =
     seconds} for every decoder the engine carries)}} for each built engine folder."""
     from asd_deploy.backends import open_engine
     from asd_deploy.backends.manifest import read_manifest
-    from asd_deploy.decoders.engine import EngineDecodeNet
+    from asd_deploy.decoders.engine import EngineDecodeNet, decoder_sections
 
     from .spec import sample_step_inputs
 
@@ -85,7 +85,7 @@ def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int =
                      for a in sample_step_inputs(config, batch, seed=2))
         fns[(name, "step_s")] = lambda step=step, args=args: step(*args)
         primary[name] = (m.get("decoder") or {}).get("kind")
-        for kind in (m.get("decoders") or ({primary[name]: None} if primary[name] else {})):
+        for kind in decoder_sections(m):
             dec = EngineDecodeNet(folder, m, kind)
             lat = torch.randn(dec.batch, dec.z_dim, dec.frames, dec.h, dec.w)
             caches = tuple(torch.zeros(s) for s in dec.cache_shapes(dec.batch, dec.h, dec.w))

@@ -66,14 +66,16 @@ def decoder_graphs(kind: str, primary: bool) -> dict[str, str]:
     return {g: g if primary else f"{kind}_{g}" for g in DECODE_GRAPHS}
 
 
-def decoder_section(manifest: dict, kind: str | None = None) -> dict | None:
-    """The manifest section of the engine's decoder `kind` (None: its primary decoder), or None.
-    Engines built before several decoders existed have only the `decoder` section."""
+def decoder_sections(manifest: dict) -> dict[str, dict]:
+    """{kind: manifest section} of every decoder the engine carries, the primary first. Engines
+    built before several decoders existed have only the `decoder` section."""
     primary = manifest.get("decoder")
-    if kind is None:
-        return primary
-    sections = manifest.get("decoders") or ({primary["kind"]: primary} if primary else {})
-    return sections.get(kind)
+    return manifest.get("decoders") or ({primary["kind"]: primary} if primary else {})
+
+
+def decoder_section(manifest: dict, kind: str | None = None) -> dict | None:
+    """The manifest section of the engine's decoder `kind` (None: its primary decoder), or None."""
+    return manifest.get("decoder") if kind is None else decoder_sections(manifest).get(kind)
 
 
 class EngineDecodeNet:
@@ -164,7 +166,7 @@ def engine_decoder(engine_dir, manifest: dict, kind: str, weights_hash: str) -> 
         return None, "the engine has no decoder graphs (built with --decoder none, or before they existed)"
     meta = decoder_section(manifest, kind)
     if meta is None:
-        have = ",".join(sorted(manifest.get("decoders") or [manifest["decoder"]["kind"]]))
+        have = ",".join(sorted(decoder_sections(manifest)))
         return None, (f"the engine's decoders are {have!r}, {kind!r} was asked for (build it with "
                       f"--decoder {have},{kind} to run both from the engine)")
     if meta["weights_hash"] != weights_hash:
