@@ -86,6 +86,21 @@ def test_resume_is_bit_for_bit(vae_dir, tmp_path, monkeypatch):
     assert got["history"] == ref["history"]
 
 
+def test_init_starts_from_a_trained_decoder(vae_dir, tmp_path):
+    """--init: the run starts from the given decoder's weights (lr 0 keeps them exactly), keeps its
+    report as `previous`, and refuses a decoder of another architecture."""
+    first = tmp_path / "first"
+    train_tiny_decoder(first, vae_dir, model=None, steps=6, save_every=0, **KW)
+    again = tmp_path / "again"
+    r = train_tiny_decoder(again, vae_dir, model=None, steps=3, save_every=0, init=first, **{**KW, "lr": 0.0})
+    a, b = TinyDecoder.from_pretrained(first), TinyDecoder.from_pretrained(again)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert r["init"] == str(first) and r["previous"]["steps"] == 6 and "history" not in r["previous"]
+    with pytest.raises(ValueError, match="pass the --arch it was trained with"):
+        train_tiny_decoder(tmp_path / "other", vae_dir, model=None, steps=3, save_every=0, init=first,
+                           **{**KW, "arch": "demo-lite", "config": "tiny"})
+
+
 @pytest.mark.slow  # one subprocess per bad input (~12 s)
 def test_cli_errors(vae_dir, tmp_path):
     def run(*args):

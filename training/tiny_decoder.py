@@ -175,10 +175,12 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
                        clips: int = 512, clip_frames: int = 13, latent_noise: float = 0.2, generated: int = 64,
                        steps: int = 3000, batch: int = 8, lr: float = 2e-3,
                        amp: str | None = None, seed: int = 0, save_every: int = 250, resume: bool = False,
-                       eval_clips: int = 16, toybench_prompts: int = 8, speed_repeats: int = 5, log=print) -> dict:
+                       eval_clips: int = 16, toybench_prompts: int = 8, speed_repeats: int = 5,
+                       init: str | Path | None = None, log=print) -> dict:
     """Distil, evaluate, save (atomically) and return the report. `model`: the DiT for generated
     latents and ToyBench ("default" or a model folder; None: neither); `config`: the geometry
-    (default: the model's); `steps`: training steps."""
+    (default: the model's); `steps`: training steps; `init`: a trained tiny-decoder folder of the
+    same `arch` to start from (a fine-tune: longer training, or another data set)."""
     from tqdm import tqdm
 
     from asd_deploy.checkpoint import atomic_write
@@ -202,6 +204,13 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
         torch.manual_seed(seed)
         tiny = TinyDecoder(TINY_DECODER_ARCHS[arch], source=f"distilled from {vae}").train()
+    if init is not None:
+        start_from = TinyDecoder.from_pretrained(init)
+        if start_from.config.to_dict() != tiny.config.to_dict():
+            raise ValueError(f"--init {init} is a {start_from.config.name!r} tiny decoder "
+                             f"({start_from.config.to_dict()}); --arch {arch} is {tiny.config.to_dict()}: "
+                             f"pass the --arch it was trained with")
+        tiny.load_state_dict(start_from.state_dict())
     if (tiny.z_dim, tiny.spatial_stride, tiny.temporal_stride) != \
             (teacher.z_dim, teacher.spatial_stride, teacher.temporal_stride):
         raise ValueError(f"--arch {arch} decodes {tiny.z_dim} channels at stride ({tiny.temporal_stride}, "
@@ -274,6 +283,7 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
               "data": data,
               "clips": clips, "clip_frames": clip_frames, "latent_noise": latent_noise, "generated": generated,
               "steps": steps, "batch": batch, "lr": lr, "amp": amp, "seed": seed,
+              "init": None if init is None else str(init),
               "train_seconds": round(train_s, 1), "params": sum(p.numel() for p in tiny.parameters()),
               "speed": {"geometry": f"{cfg.width}x{cfg.height}, chunks of {cfg.frames_per_chunk} latent frames",
                         "full_decoder_chunk_s": full_s, "tiny_decoder_chunk_s": tiny_s, "speedup": full_s / tiny_s,
@@ -283,6 +293,9 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
                               round(pool_psnr(tiny, pool["held_noisy_lat"], pool["held_noisy_px"]), 2),
                           "goal": 30.0},
               "history": history}
+    if init is not None and (Path(init) / "train_report.json").is_file():  # the lineage, as the VAE's report keeps it
+        before = json.loads((Path(init) / "train_report.json").read_text())
+        report["previous"] = {k: v for k, v in before.items() if k != "history"}
     if "gen_lat" in pool:
         report["psnr_db"]["generated_vs_full_decoder"] = round(pool_psnr(tiny, pool["gen_lat"], pool["gen_px"]), 2)
     if dit is not None and toybench_prompts:
@@ -325,6 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--save-every", type=int, default=250, help="resumable state every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if it exists")
+    p.add_argument("--init", default=None,
+                   help="start from this trained tiny-decoder folder (same --arch): train longer or fine-tune")
     p.add_argument("--eval-clips", type=positive_int, default=16, help="held-out clips for the PSNR")
     p.add_argument("--toybench-prompts", type=int, default=8, help="ToyBench prompts with a --model (0: skip)")
     add_quiet(p)
@@ -338,7 +353,7 @@ def main(argv=None) -> int:
                            clips=a.clips, clip_frames=a.clip_frames, latent_noise=a.latent_noise,
                            generated=a.generated, steps=a.max_steps, batch=a.batch, lr=a.lr, amp=a.amp, seed=a.seed,
                            save_every=a.save_every, resume=a.resume, eval_clips=a.eval_clips,
-                           toybench_prompts=a.toybench_prompts, log=None if a.quiet else print)
+                           toybench_prompts=a.toybench_prompts, init=a.init, log=None if a.quiet else print)
         return 0
     return run_command(run, interrupted=f"interrupted; rerun with --resume to continue from {a.out}.state.pt")
 
