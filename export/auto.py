@@ -114,6 +114,36 @@ def choose(results: list[dict], steps: int, decoder: str | None = None) -> dict:
     return min(ok, key=lambda r: chunk_seconds(r, steps, decoder))
 
 
+AUTO_FORMAT = 2  # 2: per-decoder timings (`decoders_s`, `best_by_decoder`); bump when the manifest's auto section changes
+
+
+def decoder_identities(checkpoint: str, config, decoder: str | None, vae: str | None,
+                       tiny_decoder: str | None) -> dict[str, str]:
+    """{decoder kind: weights hash} of the decoders a build exports: what the engine carries,
+    whatever path it came from (the model's own `tiny_decoder/` retrained in place is a new one)."""
+    from asd_deploy.decoders.engine import decoder_hash
+
+    from .decoder import decoder_kinds, resolve_decoder
+
+    return {k: decoder_hash(resolve_decoder(k, checkpoint, config, vae, tiny_decoder)[0])
+            for k in decoder_kinds(decoder, checkpoint, tiny_decoder)}
+
+
+def auto_key(loaded, *, checkpoint="default", precision="fp32", steps=1, ffe=True, ffe_steps=4, batch=1,
+             decoder=None, vae=None, tiny_decoder=None, candidates=CANDIDATES, cpu=None) -> str:
+    """When an auto engine is up to date: the same DiT weights, schedule, decoders' weights,
+    candidates, CPU and tools."""
+    from asd_deploy.backends.manifest import stage_key
+
+    from .build import _tool_versions
+
+    return stage_key(format=AUTO_FORMAT, config=loaded.config.to_dict(), weights=loaded.weights_hash,
+                     precision=precision, steps=steps, ffe=ffe, ffe_steps=ffe_steps, batch=batch, decoder=decoder,
+                     decoders=decoder_identities(checkpoint, loaded.config, decoder, vae, tiny_decoder),
+                     candidates=list(candidates), cpu=cpu_features() if cpu is None else cpu,
+                     tools=_tool_versions("ort"))
+
+
 def build_auto(*, config=None, checkpoint="default", precision="fp32", steps=1, ffe=True, ffe_steps=4, batch=1,
                out=None, force=False, log=None, decoder=None, vae=None, tiny_decoder=None,
                candidates=CANDIDATES, timer=time_candidates) -> Path:
@@ -123,12 +153,12 @@ def build_auto(*, config=None, checkpoint="default", precision="fp32", steps=1, 
     import sys
 
     from asd_deploy.backends.manifest import (MANIFEST_NAME, EngineError, engine_cache_dir, engine_dir_name,
-                                              read_manifest, stage_key, write_manifest)
+                                              read_manifest, write_manifest)
     from asd_deploy.backends.auto import auto_build_command
     from asd_deploy.checkpoint import atomic_dir
     from asd_deploy.registry import load_dit
 
-    from .build import _tool_versions, build
+    from .build import build
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     loaded = load_dit(checkpoint, config)
@@ -136,9 +166,8 @@ def build_auto(*, config=None, checkpoint="default", precision="fp32", steps=1, 
     out = Path(out) if out is not None else engine_cache_dir()
     final = out / engine_dir_name(cfg.name, steps, ffe, ffe_steps, "auto", precision, None, batch, loaded.weights_hash)
     cpu = cpu_features()
-    key = stage_key(config=cfg.to_dict(), weights=loaded.weights_hash, precision=precision, steps=steps, ffe=ffe,
-                    ffe_steps=ffe_steps, batch=batch, decoder=decoder, vae=vae, tiny=tiny_decoder,
-                    candidates=list(candidates), cpu=cpu, tools=_tool_versions("ort"))
+    key = auto_key(loaded, checkpoint=checkpoint, precision=precision, steps=steps, ffe=ffe, ffe_steps=ffe_steps,
+                   batch=batch, decoder=decoder, vae=vae, tiny_decoder=tiny_decoder, candidates=candidates, cpu=cpu)
     if not force and (final / MANIFEST_NAME).is_file():
         try:
             if read_manifest(final).get("auto", {}).get("key") == key:

@@ -89,6 +89,24 @@ def test_real_timer_times_every_graph(auto_engine):
     assert set(t["x"]["decoders_s"]) == {"vae", "tiny"} and t["x"]["decoders_s"]["tiny"] > 0
 
 
+def test_auto_key_follows_the_decoders_weights_not_their_path(tmp_path):
+    """A tiny decoder retrained in place (same folder, new weights) makes the auto engine stale: it
+    carries the decoders it was built with, so their weights are part of its key."""
+    import torch
+
+    from asd_deploy.decoders.tiny import TINY_DECODER_ARCHS, TinyDecoder
+    from export.auto import auto_key
+
+    loaded, folder = load_dit("default"), tmp_path / "td"
+    keys = []
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        TinyDecoder(TINY_DECODER_ARCHS["demo-lite"]).save(folder)
+        keys.append(auto_key(loaded, tiny_decoder=str(folder), cpu={}))
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    assert auto_key(loaded, decoder="vae", tiny_decoder=str(folder), cpu={}) != keys[0]  # another decoder set
+
+
 def test_choose_and_errors(tmp_path):
     assert choose([{"name": "a", "step_s": 1.0, "decode_s": None}, {"name": "b", "error": "x"}], 1)["name"] == "a"
     with pytest.raises(RuntimeError, match="no --backend auto candidate"):
