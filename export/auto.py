@@ -4,9 +4,11 @@ the fastest.
 Owns: the candidate list (`CANDIDATES`: ONNX Runtime at opset 18 and 23, AOTInductor frozen
 and not), `cpu_features` (what the CPU offers that decides between them: AVX2, AVX-512, VNNI,
 BF16, AMX ...), `time_candidates` (each engine's chunk step and decoder step timed round-robin,
-so drift hits all alike; every decoder the engines carry), `choose` (the fastest steady chunk:
-steps + clean pass + decode by the primary decoder, the first of `--decoder`; the fastest with each
-other decoder is recorded as `best_by_decoder`) and
+so drift hits all alike; every decoder the engines carry; and `time_pipelined`: a steady chunk
+as `Pipeline.stream` runs it, DiT and decode overlapped on the shared cores), `choose` (the
+fastest steady chunk, pipelined where that was timed, else the sum of steps + clean pass + decode,
+decoded by the primary decoder, the first of `--decoder`; the fastest with each other decoder is
+recorded as `best_by_decoder`) and
 `build_auto`, which writes the winner as its own engine folder (`<config>-s1f4-auto-fp32-<weights>`) whose
 manifest is the winner's plus an `auto` section: every candidate's timing or failure, the
 choice, the CPU. The losers' folders are deleted. `generate --backend auto` loads it
@@ -68,9 +70,54 @@ def _round_robin(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int = 7, warmup: int = 2) -> dict:
+class _FixedContext:
+    """A text encoder stand-in for timing: one context of the model's shape (its values do not
+    change the cost of a step)."""
+
+    def __init__(self, config):
+        self.context = torch.randn(1, config.text_len, config.text_dim, generator=torch.Generator().manual_seed(0))
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        return self.context
+
+
+def time_pipelined(folders: dict[str, Path], config, chunks: int = 6, repeats: int = 3) -> dict[tuple[str, str], float]:
+    """{(name, decoder kind): seconds per steady chunk} of each engine folder with each decoder it
+    carries, as `Pipeline.stream` runs them (the DiT a chunk ahead on a worker thread, the decode
+    beside it, the cores split between the two): the median interval between consecutive chunks'
+    frames after the first two, over `repeats` videos timed in turns. Two stages that each take
+    every core (an AOTInductor engine's threads are fixed when it is built) slow each other down
+    here, where the stage-by-stage timings cannot see it. Batch-1 engines only."""
+    from asd_deploy.backends import open_engine
+    from asd_deploy.backends.manifest import read_manifest
+    from asd_deploy.decoders.engine import EngineDecodeNet, decoder_sections
+    from asd_deploy.pipeline import Pipeline
+
+    pipes = {}
+    for name, folder in folders.items():
+        m = read_manifest(folder)
+        step, steps = open_engine(folder, m), int(m["schedule"]["steps"])
+        for kind in decoder_sections(m):
+            pipes[(name, kind)] = (Pipeline(config, step, _FixedContext(config), None, decoder=EngineDecodeNet(
+                folder, m, kind)), steps)
+    frames = config.pixel_frames_for(chunks * config.frames_per_chunk)
+    gaps: dict = {k: [] for k in pipes}
+    for r in range(repeats + 1):  # the first round warms every engine up
+        for k, (pipe, steps) in pipes.items():
+            ready, t0 = [], time.perf_counter()
+            for _ in pipe.stream("timing", steps=steps, ffe=False, seed=r, frames=frames):
+                ready.append(time.perf_counter() - t0)
+            if r:
+                gaps[k] += [b - a for a, b in zip(ready[1:], ready[2:])]
+    return {k: statistics.median(v) for k, v in gaps.items()}
+
+
+def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int = 7, warmup: int = 2,
+                    pipelined: bool = True) -> dict:
     """{name: {"step_s", "decode_s" (the primary decoder's; None without one), "decoders_s" ({kind:
-    seconds} for every decoder the engine carries)}} for each built engine folder."""
+    seconds} for every decoder the engine carries), "pipelined_s" ({kind: seconds per steady chunk
+    through the pipeline}, `time_pipelined`; batch-1 engines with a decoder)}} for each built
+    engine folder."""
     from asd_deploy.backends import open_engine
     from asd_deploy.backends.manifest import read_manifest
     from asd_deploy.decoders.engine import EngineDecodeNet, decoder_sections
@@ -92,15 +139,24 @@ def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int =
             fns[(name, kind)] = lambda dec=dec, lat=lat, caches=caches: dec.next(lat, caches)
     timed = _round_robin(fns, repeats, warmup)
     out = {}
+    piped = time_pipelined(folders, config) if pipelined and batch == 1 and any(primary.values()) else {}
     for name in folders:
         decs = {k: v for (n, k), v in timed.items() if n == name and k != "step_s"}
         out[name] = {"step_s": timed[(name, "step_s")], "decode_s": decs.get(primary[name]), "decoders_s": decs}
+        if piped:
+            out[name]["primary"] = primary[name]
+            out[name]["pipelined_s"] = {k: v for (n, k), v in piped.items() if n == name}
     return out
 
 
 def chunk_seconds(timing: dict, steps: int, decoder: str | None = None) -> float:
-    """A steady chunk's cost: `steps` denoising calls + the clean pass, + its decode by `decoder`
-    (None: the engine's primary decoder)."""
+    """A steady chunk's cost with `decoder` (None: the engine's primary decoder): as the pipeline
+    ran it when that was timed (`pipelined_s`), else the stages' sum, `steps` denoising calls + the
+    clean pass + the decode."""
+    kind = timing.get("primary") if decoder is None else decoder
+    piped = (timing.get("pipelined_s") or {}).get(kind)
+    if piped is not None:
+        return piped
     dec = timing["decode_s"] if decoder is None else (timing.get("decoders_s") or {}).get(decoder)
     return (steps + 1) * timing["step_s"] + (dec or 0.0)
 
@@ -114,7 +170,9 @@ def choose(results: list[dict], steps: int, decoder: str | None = None) -> dict:
     return min(ok, key=lambda r: chunk_seconds(r, steps, decoder))
 
 
-AUTO_FORMAT = 2  # 2: per-decoder timings (`decoders_s`, `best_by_decoder`); bump when the manifest's auto section changes
+# 2: per-decoder timings (`decoders_s`, `best_by_decoder`); 3: chosen by the pipelined chunk
+# (`pipelined_s`). Bump when the manifest's auto section changes.
+AUTO_FORMAT = 3
 
 
 def decoder_identities(checkpoint: str, config, decoder: str | None, vae: str | None,
@@ -198,7 +256,9 @@ def build_auto(*, config=None, checkpoint="default", precision="fp32", steps=1, 
             r["chunk_s"] = chunk_seconds(r, steps)
             decs = r.get("decoders_s") or {}
             dec = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in decs.items()) or "-"
-            log(f"[auto] {r['name']}: step {1e3 * r['step_s']:.2f} ms, decode {dec}, chunk {1e3 * r['chunk_s']:.2f} ms")
+            piped = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in (r.get("pipelined_s") or {}).items())
+            log(f"[auto] {r['name']}: step {1e3 * r['step_s']:.2f} ms, decode {dec}"
+                + (f"; pipelined chunk {piped}" if piped else f", chunk {1e3 * r['chunk_s']:.2f} ms"))
     best = choose(results, steps)
     kinds = {k for r in results for k in (r.get("decoders_s") or {})}
     # the winner with each decoder: a deployment decoding with a non-primary decoder is warned when
@@ -208,8 +268,11 @@ def build_auto(*, config=None, checkpoint="default", precision="fp32", steps=1, 
     manifest["name"] = final.name
     manifest["rebuild"] = auto_build_command(cfg.name, checkpoint, batch, out) + " --force"
     manifest["auto"] = {"chosen": best["name"], "key": key,
-                        "criterion": f"{steps} step(s) + clean pass + decode by the primary decoder per steady "
-                                     f"chunk, median of round-robin timings",
+                        "criterion": (f"a steady chunk ({steps} step(s) + clean pass, decoded by the primary "
+                                      f"decoder) as the pipeline runs it, median of round-robin timings"
+                                      if any(r.get("pipelined_s") for r in results) else
+                                      f"{steps} step(s) + clean pass + decode by the primary decoder per steady "
+                                      f"chunk, median of round-robin timings"),
                         "best_by_decoder": by_decoder, "candidates": results, "cpu": cpu}
     src = folders[best["name"]]
 

@@ -10,7 +10,7 @@ import pytest
 from asd_deploy.backends.auto import find_auto_engine, make_auto
 from asd_deploy.backends.manifest import EngineError, read_manifest
 from asd_deploy.registry import load_dit
-from export.auto import CANDIDATES, build_auto, choose, cpu_features, time_candidates
+from export.auto import CANDIDATES, build_auto, choose, chunk_seconds, cpu_features, time_candidates
 
 CANDS = [c for c in CANDIDATES if c["backend"] == "ort"] + [{"name": "broken", "backend": "aoti", "opset": 18}]
 # ort-op23 has the faster step but the slower VAE decoder: at 1 step a chunk is 2 step calls + 1
@@ -87,6 +87,11 @@ def test_real_timer_times_every_graph(auto_engine):
     t = time_candidates({"x": folder}, load_dit("default").config, 1, repeats=1, warmup=0)
     assert t["x"]["step_s"] > 0 and t["x"]["decode_s"] == t["x"]["decoders_s"]["vae"] > 0
     assert set(t["x"]["decoders_s"]) == {"vae", "tiny"} and t["x"]["decoders_s"]["tiny"] > 0
+    # each decoder also timed the way the pipeline runs it, and that is what a chunk then costs
+    assert t["x"]["primary"] == "vae" and set(t["x"]["pipelined_s"]) == {"vae", "tiny"}
+    assert all(v > 0 for v in t["x"]["pipelined_s"].values())
+    assert chunk_seconds(t["x"], 1) == t["x"]["pipelined_s"]["vae"]
+    assert chunk_seconds(t["x"], 1, "tiny") == t["x"]["pipelined_s"]["tiny"]
 
 
 def test_auto_key_follows_the_decoders_weights_not_their_path(tmp_path):
@@ -109,6 +114,14 @@ def test_auto_key_follows_the_decoders_weights_not_their_path(tmp_path):
 
 def test_choose_and_errors(tmp_path):
     assert choose([{"name": "a", "step_s": 1.0, "decode_s": None}, {"name": "b", "error": "x"}], 1)["name"] == "a"
+    # the pipelined chunk decides where it was timed (a is faster stage by stage, slower pipelined);
+    # a decoder without a pipelined timing falls back to the stages' sum
+    a = {"name": "a", "step_s": 0.001, "decode_s": 0.002, "decoders_s": {"vae": 0.002, "tiny": 0.003},
+         "primary": "vae", "pipelined_s": {"vae": 0.05}}
+    b = {"name": "b", "step_s": 0.002, "decode_s": 0.004, "decoders_s": {"vae": 0.004, "tiny": 0.0005},
+         "primary": "vae", "pipelined_s": {"vae": 0.01}}
+    assert choose([a, b], 1)["name"] == "b" and chunk_seconds(a, 1) == 0.05
+    assert choose([a, b], 1, "tiny")["name"] == "b" and chunk_seconds(a, 1, "tiny") == pytest.approx(0.005)
     with pytest.raises(RuntimeError, match="no --backend auto candidate"):
         choose([{"name": "b", "error": "no onnxruntime"}], 1)
     loaded = load_dit("default")
