@@ -85,9 +85,10 @@ def time_pipelined(folders: dict[str, Path], config, chunks: int = 6, repeats: i
     """{(name, decoder kind): seconds per steady chunk} of each engine folder with each decoder it
     carries, as `Pipeline.stream` runs them (the DiT a chunk ahead on a worker thread, the decode
     beside it, the cores split between the two): the median interval between consecutive chunks'
-    frames after the first two, over `repeats` videos timed in turns. Two stages that each take
-    every core (an AOTInductor engine's threads are fixed when it is built) slow each other down
-    here, where the stage-by-stage timings cannot see it. Batch-1 engines only."""
+    frames after the first two, over `repeats` videos timed in turns. How much two stages slow
+    each other down on shared cores differs by backend (measured: AOTInductor's tiny decoder 7 ms
+    alone, 20 ms pipelined; ONNX Runtime's 6 and 11), which the stage-by-stage timings cannot
+    see. Batch-1 engines only."""
     from asd_deploy.backends import open_engine
     from asd_deploy.backends.manifest import read_manifest
     from asd_deploy.decoders.engine import EngineDecodeNet, decoder_sections
