@@ -56,6 +56,7 @@ def _decode_mp4(data: bytes) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
+@pytest.mark.slow  # ~15 s on 2 cores: a 6-chunk 2-step video, twice, and the pipeline's own
 def test_video_streams_an_mp4_equal_to_generate(server, pipe, tmp_path):
     frames = _chunks(pipe, 6)
     want, _ = pipe(PROMPTS[0], steps=2, ffe=True, seed=3, frames=frames)
@@ -89,6 +90,7 @@ def _png_frames(frames: dict) -> np.ndarray:
                            for i in sorted(frames)])
 
 
+@pytest.mark.slow  # 18-32 s on 2 cores (paced streams that overlap)
 @pytest.mark.parametrize("n", [2, 4])
 def test_concurrent_websocket_streams_equal_their_solo_runs(server, pipe, n):
     reqs = [dict(type="start", prompt=PROMPTS[i], steps=1 + i % 2, ffe=i % 3 != 1, seed=20 + i,
