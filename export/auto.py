@@ -81,26 +81,20 @@ class _FixedContext:
         return self.context
 
 
-def time_pipelined(folders: dict[str, Path], config, chunks: int = 6, repeats: int = 3) -> dict[tuple[str, str], float]:
-    """{(name, decoder kind): seconds per steady chunk} of each engine folder with each decoder it
-    carries, as `Pipeline.stream` runs them (the DiT a chunk ahead on a worker thread, the decode
+def time_pipelined(engines: dict[str, tuple], config, chunks: int = 6,
+                   repeats: int = 3) -> dict[tuple[str, str], float]:
+    """{(name, decoder kind): seconds per steady chunk} of each opened engine (`{name: (step,
+    denoising steps, {kind: decode net})}`, as `time_candidates` opens them) with each of its
+    decoders, as `Pipeline.stream` runs them (the DiT a chunk ahead on a worker thread, the decode
     beside it, the cores split between the two): the median interval between consecutive chunks'
     frames after the first two, over `repeats` videos timed in turns. How much two stages slow
     each other down on shared cores differs by backend (measured: AOTInductor's tiny decoder 7 ms
     alone, 20 ms pipelined; ONNX Runtime's 6 and 11), which the stage-by-stage timings cannot
     see. Batch-1 engines only."""
-    from asd_deploy.backends import open_engine
-    from asd_deploy.backends.manifest import read_manifest
-    from asd_deploy.decoders.engine import EngineDecodeNet, decoder_sections
     from asd_deploy.pipeline import Pipeline
 
-    pipes = {}
-    for name, folder in folders.items():
-        m = read_manifest(folder)
-        step, steps = open_engine(folder, m), int(m["schedule"]["steps"])
-        for kind in decoder_sections(m):
-            pipes[(name, kind)] = (Pipeline(config, step, _FixedContext(config), None, decoder=EngineDecodeNet(
-                folder, m, kind)), steps)
+    pipes = {(name, kind): (Pipeline(config, step, _FixedContext(config), None, decoder=dec), steps)
+             for name, (step, steps, decs) in engines.items() for kind, dec in decs.items()}
     frames = config.pixel_frames_for(chunks * config.frames_per_chunk)
     gaps: dict = {k: [] for k in pipes}
     for r in range(repeats + 1):  # the first round warms every engine up
@@ -113,8 +107,7 @@ def time_pipelined(folders: dict[str, Path], config, chunks: int = 6, repeats: i
     return {k: statistics.median(v) for k, v in gaps.items()}
 
 
-def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int = 7, warmup: int = 2,
-                    pipelined: bool = True) -> dict:
+def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int = 7, warmup: int = 2) -> dict:
     """{name: {"step_s", "decode_s" (the primary decoder's; None without one), "decoders_s" ({kind:
     seconds} for every decoder the engine carries), "pipelined_s" ({kind: seconds per steady chunk
     through the pipeline}, `time_pipelined`; batch-1 engines with a decoder)}} for each built
@@ -125,7 +118,7 @@ def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int =
 
     from .spec import sample_step_inputs
 
-    fns, primary = {}, {}
+    fns, primary, opened = {}, {}, {}
     for name, folder in folders.items():
         m = read_manifest(folder)
         step = open_engine(folder, m)
@@ -133,14 +126,15 @@ def time_candidates(folders: dict[str, Path], config, batch: int, repeats: int =
                      for a in sample_step_inputs(config, batch, seed=2))
         fns[(name, "step_s")] = lambda step=step, args=args: step(*args)
         primary[name] = (m.get("decoder") or {}).get("kind")
+        opened[name] = (step, int(m["schedule"]["steps"]), {})
         for kind in decoder_sections(m):
-            dec = EngineDecodeNet(folder, m, kind)
+            dec = opened[name][2][kind] = EngineDecodeNet(folder, m, kind)
             lat = torch.randn(dec.batch, dec.z_dim, dec.frames, dec.h, dec.w)
             caches = tuple(torch.zeros(s) for s in dec.cache_shapes(dec.batch, dec.h, dec.w))
             fns[(name, kind)] = lambda dec=dec, lat=lat, caches=caches: dec.next(lat, caches)
     timed = _round_robin(fns, repeats, warmup)
     out = {}
-    piped = time_pipelined(folders, config) if pipelined and batch == 1 and any(primary.values()) else {}
+    piped = time_pipelined(opened, config) if batch == 1 and any(primary.values()) else {}
     for name in folders:
         decs = {k: v for (n, k), v in timed.items() if n == name and k != "step_s"}
         out[name] = {"step_s": timed[(name, "step_s")], "decode_s": decs.get(primary[name]), "decoders_s": decs}
