@@ -39,8 +39,11 @@ TINY_CONFIG = dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_sca
 # Architectures `python -m training.vae --arch` trains. "demo": the default model's VAE (64x96):
 # twice the tiny width at full resolution, 4x it at the two coarsest levels, where the shapes'
 # colours and layout are encoded and a channel costs 1/16-1/64 of a full-resolution one.
+# "demo2": demo with two residual blocks per level (the depth of Wan2.1's own VAE), grown from a
+# trained demo VAE by `training.vae --init DEMO --arch demo2` (`training.vae.deepen`).
 VAE_ARCHS = {"tiny": TINY_CONFIG,
-             "demo": dict(TINY_CONFIG, base_dim=16, dim_mult=[1, 2, 4, 4])}
+             "demo": dict(TINY_CONFIG, base_dim=16, dim_mult=[1, 2, 4, 4]),
+             "demo2": dict(TINY_CONFIG, base_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2)}
 
 
 def _causal_conv_cls():

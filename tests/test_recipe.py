@@ -17,7 +17,7 @@ from asd_deploy.schedule import Schedule
 from asd_deploy.vae import VideoVAE
 from training.ablation import sample_teacher
 from training.package import package_model
-from training.vae import decode_for_training, evaluate, inflate_temporal, render, train_vae
+from training.vae import deepen, decode_for_training, evaluate, inflate_temporal, render, train_vae
 
 from conftest import assert_close, rand_context
 
@@ -71,6 +71,46 @@ def test_inflated_vae_is_the_image_vae_on_every_frame():
         assert_close(z, z_img.expand_as(z), 1e-5, "inflated encoder, static clip")
         assert_close(decode_for_training(vae, z), decode_for_training(vae, z_img).expand(-1, -1, 9, -1, -1),
                      1e-5, "inflated decoder, static clip")
+
+
+def test_deepened_vae_computes_what_it_did_and_then_trains_its_new_blocks(tmp_path):
+    """`deepen` adds residual blocks per level whose outputs start at zero: the grown VAE encodes
+    and decodes a clip exactly as the trained one did, every trained tensor is carried over, and
+    one training step moves the new blocks (their zero convolution gets a gradient). A grown
+    saved VAE continues training under `train_vae(init=..., arch=...)` (here on twice-as-fast
+    objects, measured at both speeds); an arch that is not the init's (other widths) is refused by name."""
+    from diffusers import AutoencoderKLWan
+
+    small = VideoVAE.tiny(seed=2).vae  # TINY_CONFIG: one residual block per level
+    grown = deepen(small, 2)
+    assert grown.config.num_res_blocks == 2
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in small.parameters())
+    clip = render(1, 0, 5, 32, 48)
+    with torch.no_grad():
+        z = small.encode(clip).latent_dist.mode()
+        assert torch.equal(grown.encode(clip).latent_dist.mode(), z)
+        assert torch.equal(grown.decode(z).sample, small.decode(z).sample)
+    new_conv = grown.decoder.up_blocks[0].resnets[2].conv2.weight
+    assert new_conv.abs().max() == 0
+    decode_for_training(grown, grown.encode(clip).latent_dist.mode()).sub(clip).pow(2).mean().backward()
+    assert new_conv.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="more than"):
+        deepen(grown, 2)
+    VideoVAE(small).save(tmp_path / "small")
+    import asd_deploy.vae as AV
+    AV.VAE_ARCHS["tiny2-test"] = dict(AV.TINY_CONFIG, num_res_blocks=2)
+    try:
+        kw = dict(steps=1, batch=1, num_videos=1, clip_frames=5, eval_videos=1, log=None)
+        report = train_vae(tmp_path / "g", init=tmp_path / "small", arch="tiny2-test", speed_scale=2, **kw)
+        assert report["num_res_blocks"] == 2 and report["arch"] == "tiny2-test" and report["speed_scale"] == 2
+        assert report["heldout_psnr_db_speed1"] > 0  # measured at the data's speed and at speed 1
+        with pytest.raises(ValueError, match="speed_scale"):
+            train_vae(tmp_path / "s", speed_scale=0, **kw)
+        assert AutoencoderKLWan.from_pretrained(str(tmp_path / "g")).config.num_res_blocks == 2
+        with pytest.raises(ValueError, match="base_dim"):
+            train_vae(tmp_path / "h", init=tmp_path / "small", arch="demo", **kw)
+    finally:
+        del AV.VAE_ARCHS["tiny2-test"]
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ gives unit-scale latents), held-out reconstruction PSNR, and `python -m training
 own the network (diffusers) or the streaming decode (`asd_deploy/vae.py`).
 
 Why this VAE: Wan2.1's own VAE is 250 MB and made for 480p; the embedded default must stay
-under 25 MB and run at 32x48 on a CPU. The tiny config keeps Wan's layout and strides (time 4,
-space 8, z_dim 16), so every code path (causal streaming decode, normalization, exports) is
-the one a real Wan VAE takes. At this size it reconstructs the shapes with soft edges (about
-19 dB held-out PSNR for the recipe in the README; `train_report.json` in the output folder).
+under 25 MB and run at 64x96 on a CPU. The small configs (`asd_deploy.vae.VAE_ARCHS`) keep Wan's
+layout and strides (time 4, space 8, z_dim 16), so every code path (causal streaming decode,
+normalization, exports) is the one a real Wan VAE takes. `deepen` grows a trained VAE to more
+residual blocks per level without changing its outputs. Held-out PSNR of each run:
+`train_report.json` in its output folder (the README's recipe gives the figures).
 """
 from __future__ import annotations
 
@@ -31,12 +32,13 @@ from asd_deploy.vae import TINY_CONFIG, VideoVAE
 from .resume import load_state, save_state, state_path
 
 
-def render(num: int, seed: int, frames: int, height: int, width: int, max_objects: int = 3) -> torch.Tensor:
-    """Procedural videos as float [N, 3, T, H, W] in [-1, 1]."""
+def render(num: int, seed: int, frames: int, height: int, width: int, max_objects: int = 3,
+           speed_scale: float = 1.0) -> torch.Tensor:
+    """Procedural videos as float [N, 3, T, H, W] in [-1, 1] (`speed_scale`: as the DiT's `data.speed_scale`)."""
     from .data import ProceduralVideos
 
     ds = ProceduralVideos(num_samples=num, seed=seed, height=height, width=width, frames=frames,
-                          max_objects=max_objects)
+                          max_objects=max_objects, speed_scale=speed_scale)
     v = torch.stack([torch.from_numpy(np.ascontiguousarray(ds[i]["video"])) for i in range(num)])
     return v.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
@@ -112,6 +114,61 @@ def inflate_temporal(vae) -> int:
     return changed
 
 
+def deepen(vae, num_res_blocks: int):
+    """A copy of a Wan VAE with `num_res_blocks` residual blocks per level (more than it has) that
+    computes exactly what it did: each level keeps its trained blocks first (the first one changes
+    the width) and gets new blocks after them whose last convolution is zero, so each new block is
+    the identity until training moves it (the zero-init residual of a grown network). The middle
+    blocks, resamplers and attention are copied unchanged."""
+    from diffusers import AutoencoderKLWan
+
+    cfg = dict(vae.config)
+    old = int(cfg["num_res_blocks"])
+    if num_res_blocks <= old:
+        raise ValueError(f"num_res_blocks={num_res_blocks}: expected more than the VAE's {old}")
+    if cfg.get("is_residual") or cfg.get("attn_scales"):
+        raise ValueError("deepen supports the Wan2.1 layout (is_residual=False, no attn_scales)")
+    keep = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    new = AutoencoderKLWan(**dict(keep, num_res_blocks=num_res_blocks))
+    src, dst = vae.state_dict(), new.state_dict()
+    levels = len(cfg["dim_mult"])
+
+    def enc_index(level: int, block: int, nrb: int) -> int:  # flat down_blocks: nrb res blocks (+ a resample) per level
+        return level * (nrb + 1) + block
+
+    mapping = {}  # new key prefix -> old key prefix
+    for lv in range(levels):
+        for b in range(old):
+            mapping[f"encoder.down_blocks.{enc_index(lv, b, num_res_blocks)}."] = f"encoder.down_blocks.{enc_index(lv, b, old)}."
+        if lv != levels - 1:
+            mapping[f"encoder.down_blocks.{enc_index(lv, num_res_blocks, num_res_blocks)}."] = \
+                f"encoder.down_blocks.{enc_index(lv, old, old)}."
+        for b in range(old + 1):
+            mapping[f"decoder.up_blocks.{lv}.resnets.{b}."] = f"decoder.up_blocks.{lv}.resnets.{b}."
+    grown = {f"encoder.down_blocks.{enc_index(lv, b, num_res_blocks)}." for lv in range(levels)
+             for b in range(old, num_res_blocks)}
+    grown |= {f"decoder.up_blocks.{lv}.resnets.{b}." for lv in range(levels) for b in range(old + 1, num_res_blocks + 1)}
+    out, used = {}, set()
+    for key, value in dst.items():
+        prefix = next((p for p in mapping if key.startswith(p)), None)
+        if prefix is not None:
+            old_key = mapping[prefix] + key[len(prefix):]
+        elif any(key.startswith(p) for p in grown):
+            out[key] = torch.zeros_like(value) if ".conv2." in key else value
+            continue
+        else:
+            old_key = key  # blocks outside the levels: convs in/out, middle, quant convs, upsamplers
+        if old_key not in src or src[old_key].shape != value.shape:
+            raise RuntimeError(f"deepen: no source for {key} (looked for {old_key})")
+        out[key] = src[old_key].clone()
+        used.add(old_key)
+    missing = set(src) - used
+    if missing:
+        raise RuntimeError(f"deepen: {len(missing)} trained tensors left unused, e.g. {sorted(missing)[:3]}")
+    new.load_state_dict(out)
+    return new
+
+
 def _random_crops(x: torch.Tensor, crop: tuple[int, int] | None, g: torch.Generator) -> torch.Tensor:
     """One random crop per clip of x [B, 3, T, H, W] (the same window on every frame)."""
     if crop is None:
@@ -126,9 +183,9 @@ def _random_crops(x: torch.Tensor, crop: tuple[int, int] | None, g: torch.Genera
 def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
               num_videos: int = 2048, clip_frames: int = 1, eval_videos: int = 32, seed: int = 0,
               fg_weight: float = 0.0, clip_grad: float = 1.0, max_objects: int = 2,
-              model: str = "tiny", init: Path | None = None, inflate: bool = False, arch: str = "tiny",
+              model: str = "tiny", init: Path | None = None, inflate: bool = False, arch: str | None = None,
               crop: tuple[int, int] | None = None, amp: str | None = None, save_every: int = 0,
-              resume: bool = False, log=print) -> dict:
+              resume: bool = False, speed_scale: float = 1.0, log=print) -> dict:
     """Train, normalize, evaluate and save a diffusers folder at `out` (atomically). Returns the report.
 
     The recipe (README) runs it three times: on single frames (`clip_frames=1`: the causal
@@ -139,7 +196,11 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
     with cosine decay to 10% and gradient clipping: at lr 1e-3 without clipping the loss climbs
     back to the mean-colour plateau (seen here). `amp="bf16"`: bf16 autocast (1.7x on an
     AVX-512-BF16 CPU; evaluation stays fp32). `save_every` > 0 writes a resumable state
-    (`<out>.state.pt`) that `resume=True` continues from, bit for bit. `log=None`: silent."""
+    (`<out>.state.pt`) that `resume=True` continues from, bit for bit. `log=None`: silent.
+    `arch` names a new VAE's architecture (default "tiny"); with `init`, an arch that is the init's
+    with more residual blocks per level grows it first (`deepen`: the same outputs at step 0).
+    `speed_scale`: the objects' speeds, as the DiT's `data.speed_scale` (train the VAE on the motion
+    its DiT will draw); the held-out PSNR is measured at that speed, and at 1 too when it differs."""
     from diffusers import AutoencoderKLWan
     from tqdm import tqdm
 
@@ -147,8 +208,10 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
 
     if clip_frames < 1 or (clip_frames - 1) % 4:
         raise ValueError(f"clip_frames={clip_frames}: expected 1 + 4k frames (the VAE's temporal stride is 4)")
-    if arch not in VAE_ARCHS:
+    if arch is not None and arch not in VAE_ARCHS:
         raise ValueError(f"arch={arch!r}; valid: {sorted(VAE_ARCHS)}")
+    if not 0 < speed_scale <= 4:
+        raise ValueError(f"speed_scale={speed_scale}: expected a value in (0, 4]")
     if amp not in (None, "bf16"):
         raise ValueError(f"amp={amp!r}; valid: None (fp32) or 'bf16'")
     if steps < 1 or batch < 1 or num_videos < 1:
@@ -161,17 +224,26 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     # uint8 pool (a quarter of the float memory), converted per batch
-    train = ((render(num_videos, seed, clip_frames, cfg.height, cfg.width, max_objects) + 1) * 127.5).round()\
-        .to(torch.uint8)
+    train = ((render(num_videos, seed, clip_frames, cfg.height, cfg.width, max_objects, speed_scale) + 1) * 127.5)\
+        .round().to(torch.uint8)
     # held out: whole videos (33 frames at tiny); single frames for an image phase, whose temporal taps are untrained
     held_frames = 1 if clip_frames == 1 else cfg.pixel_frames_for(cfg.max_cache_frames)
-    held_out = render(eval_videos, seed + 1, held_frames, cfg.height, cfg.width, max_objects)
+    held_out = render(eval_videos, seed + 1, held_frames, cfg.height, cfg.width, max_objects, speed_scale)
     log(f"rendered {num_videos} training clips {list(train.shape[1:])} and {eval_videos} held-out videos "
         f"in {time.perf_counter() - t0:.1f} s")
     if init is not None:
         vae = AutoencoderKLWan.from_pretrained(str(init), local_files_only=True).train()
+        if arch is not None:
+            want, have = VAE_ARCHS[arch], dict(vae.config)
+            differ = sorted(k for k, v in want.items() if k != "num_res_blocks" and have.get(k) != v)
+            if differ or want["num_res_blocks"] < have["num_res_blocks"]:
+                raise ValueError(f"arch={arch!r} differs from the VAE at {init} in {differ or ['num_res_blocks']}: "
+                                 f"--init continues a VAE of the same arch, or grows it to more residual blocks")
+            if want["num_res_blocks"] > have["num_res_blocks"]:
+                vae = deepen(vae, want["num_res_blocks"]).train()
+                log(f"grew {init} from {have['num_res_blocks']} to {want['num_res_blocks']} residual blocks per level")
     else:
-        vae = AutoencoderKLWan(z_dim=cfg.in_channels, **VAE_ARCHS[arch]).train()
+        vae = AutoencoderKLWan(z_dim=cfg.in_channels, **VAE_ARCHS[arch or "tiny"]).train()
     if inflate:
         if init is None:
             raise ValueError("inflate=True needs init: an image-trained VAE folder (clip_frames=1)")
@@ -213,14 +285,19 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
     vae.eval()
     mean, std = latent_stats(vae, train[:256].float() / 127.5 - 1.0)
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    wrapped = VideoVAE(vae, source=f"trained {arch} ({steps} steps on procedural {clip_frames}-frame clips)")
-    report = {"init": str(init) if init else None, "inflate": inflate, "arch": arch, "model": model,
+    arch_name = arch or ("tiny" if init is None else f"as {init}")
+    wrapped = VideoVAE(vae, source=f"trained {arch_name} ({steps} steps on procedural {clip_frames}-frame clips)")
+    report = {"init": str(init) if init else None, "inflate": inflate, "arch": arch_name, "model": model,
+              "num_res_blocks": int(vae.config.num_res_blocks), "speed_scale": speed_scale,
               "steps": steps, "batch": batch, "lr": lr, "crop": list(crop) if crop else None, "amp": amp,
               "kl_weight": kl_weight, "fg_weight": fg_weight, "clip_frames": clip_frames,
               "max_objects": max_objects, "num_videos": num_videos, "train_seconds": round(train_s, 1),
               "heldout_psnr_db": round(evaluate(wrapped, held_out), 2),
               "heldout_videos": eval_videos, "heldout_frames": held_out.shape[2],
               "params": sum(p.numel() for p in vae.parameters()), "history": history}
+    if speed_scale != 1.0:
+        report["heldout_psnr_db_speed1"] = round(evaluate(wrapped, render(
+            eval_videos, seed + 1, held_frames, cfg.height, cfg.width, max_objects)), 2)
     if init is not None:
         prev = Path(init) / "train_report.json"
         if prev.is_file():
@@ -252,7 +329,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-objects", type=int, default=2, help="objects per scene, as the DiT's data config")
     p.add_argument("--config", default="tiny", help="model config preset whose resolution the VAE trains at")
     add_deprecated(p, "--model", "--config", dest="config")
-    p.add_argument("--arch", default="tiny", help="VAE architecture (asd_deploy.vae.VAE_ARCHS) of a new VAE")
+    p.add_argument("--arch", default=None,
+                   help="VAE architecture (asd_deploy.vae.VAE_ARCHS) of a new VAE (default tiny); with --init, the "
+                        "init's arch with more residual blocks grows it (same outputs at step 0)")
+    p.add_argument("--speed-scale", type=float, default=1.0,
+                   help="the objects' speeds, as the DiT's data.speed_scale (held-out PSNR measured at it)")
     p.add_argument("--crop", default=None, help="HxW random crops of the frames (multiples of 8), e.g. 32x48")
     p.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast (default fp32)")
     p.add_argument("--save-every", type=int, default=500, help="write a resumable state every N steps (0: never)")
@@ -276,7 +357,7 @@ def main(argv=None) -> int:
                   num_videos=a.num_videos, clip_frames=a.clip_frames, fg_weight=a.fg_weight, seed=a.seed,
                   max_objects=a.max_objects, model=a.config, init=Path(a.init) if a.init else None,
                   inflate=a.inflate, arch=a.arch, crop=crop, amp=a.amp, save_every=a.save_every,
-                  resume=a.resume, log=None if a.quiet else print)
+                  resume=a.resume, speed_scale=a.speed_scale, log=None if a.quiet else print)
         return 0
     return run_command(run, interrupted=f"interrupted; rerun with --resume to continue from {a.out}.state.pt")
 
