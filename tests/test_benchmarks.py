@@ -68,6 +68,7 @@ def test_diffusers_side_by_side(report):
     assert "against diffusers' WanTransformer3DModel" in (out / "latency.md").read_text()
 
 
+@pytest.mark.slow  # a benchmark run in a subprocess (~9 s)
 def test_reports_are_written_without_matplotlib(tmp_path, monkeypatch, capsys):
     """matplotlib is the `bench` extra: without it the JSON and Markdown reports are still written
     and the plots are skipped with a note (the run used to crash at its very end)."""

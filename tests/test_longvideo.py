@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from training.data import BACKGROUNDS, ProceduralVideos
 from training.longvideo import chunk_scores
@@ -28,6 +29,7 @@ def test_chunk_scores_follow_what_each_chunk_shows():
     assert chunk_scores(video, it["caption"], sizes)[0]["consistency"] == 0.0   # chunk 0 on the wrong background
 
 
+@pytest.mark.slow  # a CLI subprocess over a long video (~12 s)
 def test_cli_compares_the_rolling_window_with_the_whole_cache(tmp_path):
     out = tmp_path / "long"
     r = subprocess.run([sys.executable, "-m", "training.longvideo", "--chunks", "5", "--prompts", "1", "--seeds", "0",

@@ -122,6 +122,7 @@ def test_bad_inputs_are_refused_not_coerced(pipe, tmp_path):
         Pipeline.from_pretrained(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow  # hundreds of chunks (~10 s)
 def test_long_stream_memory_is_bounded(pipe):
     """However long a stream runs, it keeps the last few timings and no latents (unless asked)."""
     cfg = pipe.config

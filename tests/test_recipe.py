@@ -136,6 +136,24 @@ def test_package_writes_a_model_folder_the_pipeline_runs(micro_run, tmp_path):
     assert frames[0].shape == (9, pipe.config.height, pipe.config.width, 3)
 
 
+def test_ablation_scores_at_the_speed_the_run_config_names(micro_run, tmp_path):
+    """The ablation's scorer speed is read from the run config training.train wrote beside the
+    checkpoint (`train.data.speed_scale`): a teacher trained at speed 2 is scored at 2 (it was
+    read from the wrong level once, and every run scored at 1); the teacher's wins over students."""
+    from training.ablation import data_speed_scale
+
+    ckpt = micro_run / "distill" / "checkpoint.pt"
+    assert data_speed_scale(ckpt, []) == 1.0
+    run = json.loads((micro_run / "distill" / "config.json").read_text())
+    run["train"]["data"]["speed_scale"] = 2  # the key training.train writes (KeyError if it moved)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.json").write_text(json.dumps(run))
+    assert data_speed_scale(tmp_path / "t" / "checkpoint.pt", [ckpt]) == 2.0
+    assert data_speed_scale(None, [tmp_path / "t" / "checkpoint.pt"]) == 2.0
+    with pytest.raises(ValueError, match="different speeds"):
+        data_speed_scale(None, [ckpt, tmp_path / "t" / "checkpoint.pt"])
+
+
 def test_package_over_budget_leaves_nothing(micro_run, tmp_path):
     with pytest.raises(ValueError, match="over the 0.01 MB budget"):
         package_model(micro_run / "distill" / "checkpoint.pt", micro_run / "vae", tmp_path / "model", budget_mb=0.01)

@@ -30,6 +30,7 @@ def server(tmp_path_factory):
     s.stop()
 
 
+@pytest.mark.slow  # chromium and a server (~15 s with its setup)
 def test_page_streams_frames_in_a_real_browser(server, tmp_path):
     _need_chromium()
     from playwright.sync_api import sync_playwright

@@ -25,6 +25,7 @@ def test_real_videos_score_near_perfect(h, w, seed, n):
         assert s["artifact_rate"] < 0.05 and s["overall"] > 0.9, (it["caption"], s)
 
 
+@pytest.mark.slow  # scores many rendered videos (~8 s)
 def test_overall_has_a_floor_that_doing_nothing_cannot_pass():
     """Real videos at the default model's size score >= 0.95 overall; the background alone scores
     <= 0.1, and a held first frame, a wrong colour and a wrong direction each clearly lower: at most

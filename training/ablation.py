@@ -267,8 +267,8 @@ def data_speed_scale(teacher, students: list) -> float:
     beside each checkpoint): the teacher's when it has one, else the students' (which must
     agree); 1 without any."""
     def read(c):
-        run = _run_config(c)
-        return None if run is None else float(run.get("data", {}).get("speed_scale", 1.0))
+        run = _run_config(c)  # training.train writes {"model": ..., "train": {"data": ...}, "stage": ...}
+        return None if run is None else float(run.get("train", {}).get("data", {}).get("speed_scale", 1.0))
     if (mine := read(teacher)) is not None:
         return mine
     found = {c: v for c in students if (v := read(c)) is not None}
