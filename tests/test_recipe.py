@@ -17,7 +17,7 @@ from asd_deploy.schedule import Schedule
 from asd_deploy.vae import VideoVAE
 from training.ablation import sample_teacher
 from training.package import package_model
-from training.vae import deepen, decode_for_training, evaluate, inflate_temporal, render, train_vae
+from training.vae import compare, deepen, decode_for_training, evaluate, inflate_temporal, render, train_vae
 
 from conftest import assert_close, rand_context
 
@@ -111,6 +111,19 @@ def test_deepened_vae_computes_what_it_did_and_then_trains_its_new_blocks(tmp_pa
             train_vae(tmp_path / "h", init=tmp_path / "small", arch="demo", **kw)
     finally:
         del AV.VAE_ARCHS["tiny2-test"]
+
+
+def test_compare_reads_vaes_side_by_side_on_one_held_out_set(tmp_path):
+    """`compare` scores each folder on the same held-out videos, at the data's speed and at 1:
+    its figures are `evaluate`'s on that set, and two different VAEs get different figures."""
+    for seed in (1, 2):
+        VideoVAE.tiny(seed=seed).save(tmp_path / f"v{seed}")
+    rows = compare([tmp_path / "v1", tmp_path / "v2"], model="tiny", speed_scale=2, eval_videos=2)
+    assert [r["num_res_blocks"] for r in rows] == [1, 1]
+    fast = render(2, 1, 33, 32, 48, max_objects=2, speed_scale=2)
+    assert rows[0]["psnr_db_speed2"] == round(evaluate(VideoVAE.from_pretrained(tmp_path / "v1"), fast), 2)
+    assert rows[0]["psnr_db_speed1"] != rows[0]["psnr_db_speed2"]
+    assert rows[0]["psnr_db_speed2"] != rows[1]["psnr_db_speed2"]
 
 
 @pytest.fixture(scope="module")

@@ -308,6 +308,24 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
     return report
 
 
+def compare(folders: list[Path], model: str = "demo", speed_scale: float = 1.0, seed: int = 0,
+            eval_videos: int = 32, max_objects: int = 2) -> list[dict]:
+    """Held-out PSNR of several VAE folders on one held-out set (the set a `seed` training run
+    holds out: `eval_videos` whole videos of seed + 1), at `speed_scale` and at speed 1, so runs
+    whose reports used other sets or speeds can be read side by side."""
+    cfg = ModelConfig.preset(model)
+    frames = cfg.pixel_frames_for(cfg.max_cache_frames)
+    speeds = sorted({1.0, float(speed_scale)})
+    sets = {s: render(eval_videos, seed + 1, frames, cfg.height, cfg.width, max_objects, s) for s in speeds}
+    rows = []
+    for folder in folders:
+        vae = VideoVAE.from_pretrained(folder)
+        rows.append({"vae": str(folder), "params": sum(p.numel() for p in vae.vae.parameters()),
+                     "num_res_blocks": int(vae.vae.config.num_res_blocks),
+                     **{f"psnr_db_speed{s:g}": round(evaluate(vae, sets[s]), 2) for s in speeds}})
+    return rows
+
+
 def main(argv=None) -> int:
     from asd_deploy.cli import add_deprecated, add_quiet, positive_int, run_command, seed_arg
 
@@ -338,8 +356,26 @@ def main(argv=None) -> int:
     p.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast (default fp32)")
     p.add_argument("--save-every", type=int, default=500, help="write a resumable state every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if it exists")
+    p.add_argument("--compare", nargs="+", default=None, metavar="VAE",
+                   help="train nothing: held-out PSNR of these VAE folders on one held-out set (--seed's), at "
+                        "--speed-scale and at 1, as a JSON list (to --report, else stdout)")
+    p.add_argument("--report", default=None, help="with --compare: write the JSON here (atomically)")
     add_quiet(p)
     a = p.parse_args(argv)
+    if a.compare:
+        from asd_deploy.checkpoint import atomic_write
+
+        missing = [f for f in a.compare if not (Path(f) / "config.json").is_file()]
+        if missing:
+            p.error(f"--compare: {missing} are not VAE folders (no config.json)")
+        videos = 32
+        rows = compare([Path(f) for f in a.compare], a.config, a.speed_scale, a.seed, eval_videos=videos)
+        text = json.dumps({"config": a.config, "speed_scale": a.speed_scale, "seed": a.seed,
+                           "heldout_videos": videos, "rows": rows}, indent=1)
+        if a.report:
+            atomic_write(Path(a.report), lambda tmp: Path(tmp).write_text(text))
+        print(text)
+        return 0
     if a.steps is not None:
         p.error(f"--steps is the number of denoising steps in every asd-deploy tool; the VAE's training length "
                 f"is --max-steps (e.g. --max-steps {a.steps})")
