@@ -289,7 +289,7 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
     wrapped = VideoVAE(vae, source=f"trained {arch_name} ({steps} steps on procedural {clip_frames}-frame clips)")
     report = {"init": str(init) if init else None, "inflate": inflate, "arch": arch_name, "model": model,
               "num_res_blocks": int(vae.config.num_res_blocks), "speed_scale": speed_scale,
-              "steps": steps, "batch": batch, "lr": lr, "crop": list(crop) if crop else None, "amp": amp,
+              "steps": steps, "batch": batch, "lr": lr, "seed": seed, "crop": list(crop) if crop else None, "amp": amp,
               "kl_weight": kl_weight, "fg_weight": fg_weight, "clip_frames": clip_frames,
               "max_objects": max_objects, "num_videos": num_videos, "train_seconds": round(train_s, 1),
               "heldout_psnr_db": round(evaluate(wrapped, held_out), 2),
