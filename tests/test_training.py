@@ -652,13 +652,14 @@ def test_network_timesteps_follow_the_model_config():
 
 def test_ablation_scores_at_the_speed_the_teacher_learnt(tmp_path):
     """The real-video rows and the scorer use data.speed_scale of the teacher's run config.json
-    (else the students', which must agree; 1 without any)."""
+    (else the students', which must agree; 1 without any), in the layout training.train writes
+    (`train.data`; test_recipe checks it against a config the trainer wrote)."""
     from training.ablation import data_speed_scale
 
     def run(name, speed):
         (tmp_path / name).mkdir()
         data = {} if speed is None else {"speed_scale": speed}
-        (tmp_path / name / "config.json").write_text(json.dumps({"model": {}, "data": data}))
+        (tmp_path / name / "config.json").write_text(json.dumps({"model": {}, "train": {"data": data}}))
         return tmp_path / name / "checkpoint.pt"
 
     t2, s1, s1b, s2, bare = run("t2", 2.0), run("s1", None), run("s1b", 1.0), run("s2", 2.0), tmp_path / "x.pt"
