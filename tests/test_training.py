@@ -694,7 +694,9 @@ def test_every_training_cli_answers_bad_input_in_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and needle in err and "Traceback" not in err, (fn.__module__, err)
     for args, needle in [(["--steps", "100"], "length is --max-steps (e.g. --max-steps 100)"),
                          (["--max-steps", "-5"], "expected a positive integer"),
-                         (["--seed", "-1"], "expected an integer in [0, 2**63)")]:
+                         (["--seed", "-1"], "expected an integer in [0, 2**63)"),
+                         (["--speed-scale", "0"], "--speed-scale must be in (0, 4]"),
+                         (["--compare", str(tmp_path)], "are not VAE folders (no config.json)")]:
         with pytest.raises(SystemExit) as e:
             training.vae.main(args)
         assert e.value.code == 2 and needle in capsys.readouterr().err

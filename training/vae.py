@@ -362,6 +362,8 @@ def main(argv=None) -> int:
     p.add_argument("--report", default=None, help="with --compare: write the JSON here (atomically)")
     add_quiet(p)
     a = p.parse_args(argv)
+    if not 0 < a.speed_scale <= 4:
+        p.error(f"--speed-scale must be in (0, 4]; got {a.speed_scale}")
     if a.compare:
         from asd_deploy.checkpoint import atomic_write
 
