@@ -43,6 +43,14 @@ def render(num: int, seed: int, frames: int, height: int, width: int, max_object
     return v.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
 
+def held_out_videos(cfg: ModelConfig, seed: int, num: int, max_objects: int, speed_scale: float = 1.0,
+                    image: bool = False) -> torch.Tensor:
+    """The held-out set of a `seed` training run: `num` videos of seed + 1 at `speed_scale`, whole
+    (the model's cache length in pixel frames), or single frames for an image phase (`image`)."""
+    frames = 1 if image else cfg.pixel_frames_for(cfg.max_cache_frames)
+    return render(num, seed + 1, frames, cfg.height, cfg.width, max_objects, speed_scale)
+
+
 def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
     """[B, 1, T, H, W]: 1 on the background, 1 + weight where a pixel differs from its frame's
     median colour. The shapes cover ~5% of a frame; unweighted, a tiny VAE first learns to paint
@@ -227,8 +235,7 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
     train = ((render(num_videos, seed, clip_frames, cfg.height, cfg.width, max_objects, speed_scale) + 1) * 127.5)\
         .round().to(torch.uint8)
     # held out: whole videos (33 frames at tiny); single frames for an image phase, whose temporal taps are untrained
-    held_frames = 1 if clip_frames == 1 else cfg.pixel_frames_for(cfg.max_cache_frames)
-    held_out = render(eval_videos, seed + 1, held_frames, cfg.height, cfg.width, max_objects, speed_scale)
+    held_out = held_out_videos(cfg, seed, eval_videos, max_objects, speed_scale, image=clip_frames == 1)
     log(f"rendered {num_videos} training clips {list(train.shape[1:])} and {eval_videos} held-out videos "
         f"in {time.perf_counter() - t0:.1f} s")
     if init is not None:
@@ -296,8 +303,8 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
               "heldout_videos": eval_videos, "heldout_frames": held_out.shape[2],
               "params": sum(p.numel() for p in vae.parameters()), "history": history}
     if speed_scale != 1.0:
-        report["heldout_psnr_db_speed1"] = round(evaluate(wrapped, render(
-            eval_videos, seed + 1, held_frames, cfg.height, cfg.width, max_objects)), 2)
+        report["heldout_psnr_db_speed1"] = round(evaluate(wrapped, held_out_videos(
+            cfg, seed, eval_videos, max_objects, image=clip_frames == 1)), 2)
     if init is not None:
         prev = Path(init) / "train_report.json"
         if prev.is_file():
@@ -314,9 +321,8 @@ def compare(folders: list[Path], model: str = "demo", speed_scale: float = 1.0, 
     holds out: `eval_videos` whole videos of seed + 1), at `speed_scale` and at speed 1, so runs
     whose reports used other sets or speeds can be read side by side."""
     cfg = ModelConfig.preset(model)
-    frames = cfg.pixel_frames_for(cfg.max_cache_frames)
     speeds = sorted({1.0, float(speed_scale)})
-    sets = {s: render(eval_videos, seed + 1, frames, cfg.height, cfg.width, max_objects, s) for s in speeds}
+    sets = {s: held_out_videos(cfg, seed, eval_videos, max_objects, s) for s in speeds}
     rows = []
     for folder in folders:
         vae = VideoVAE.from_pretrained(folder)
