@@ -69,6 +69,30 @@ def test_prefill_writes_the_clean_pass_keys(tiny_model, tiny_cfg):
     assert cont_cache.frame_index.tolist() == [3]
 
 
+def test_guided_sampler_continues_a_prefill_as_its_own_chunk(tiny_model, tiny_cfg):
+    """The teacher's guided sampler (both branches in one cache) given chunk 0 as `prefill`
+    continues exactly as when it generated chunk 0 itself: the prefill reaches both branches."""
+    from asd_deploy.generator import sample_chunks
+    from asd_deploy.schedule import EulerSchedule
+
+    step, ctx = EagerStep(tiny_model), rand_context(tiny_cfg)
+    draws = [torch.randn(tiny_cfg.chunk_shape(1), generator=torch.Generator().manual_seed(c)) for c in range(2)]
+
+    class Fixed:  # chunk c's initial noise, offset by the prefilled chunks
+        def __init__(self, offset):
+            self.offset = offset
+
+        def initial(self, c, shape):
+            return draws[c + self.offset].clone()
+
+    run = dict(schedule=EulerSchedule(4, 5.0), guidance=3.0)
+    own = list(sample_chunks(step, ctx, num_chunks=2, noise=Fixed(0), **run))
+    cont = list(sample_chunks(step, ctx, num_chunks=1, noise=Fixed(1), prefill=own[0], **run))
+    assert_close(cont[0], own[1], 1e-5, "chunk 1 after a prefilled chunk 0 vs after its own")
+    with pytest.raises(ValueError, match="B = the context's batch 1"):
+        next(sample_chunks(step, ctx, num_chunks=1, noise=Fixed(1), prefill=torch.cat([own[0]] * 2), **run))
+
+
 def test_bad_inputs(tiny_model, tiny_cfg):
     step = EagerStep(tiny_model)
     with pytest.raises(ValueError, match=r"context must be \[B, 32, 384\]"):
