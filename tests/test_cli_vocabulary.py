@@ -13,7 +13,7 @@ from asd_deploy.cli import seed_arg
 from asd_deploy.config import PRESETS
 
 TOOLS = ["asd_deploy.cli", "export.build", "training.train", "training.vae", "training.tiny_decoder",
-         "training.ablation", "training.longvideo", "training.prompt_check", "training.toybench",
+         "training.ablation", "training.coherence", "training.longvideo", "training.prompt_check", "training.toybench",
          "training.package", "benchmarks.latency", "benchmarks.serving", "benchmarks.ceiling",
          "benchmarks.eager_vs_diffusers", "benchmarks.gpu"]
 # `--config` values that are not presets: the embedded model

@@ -254,6 +254,30 @@ def test_ablation_decodes_every_row_with_the_tiny_decoder_too(micro_run, tmp_pat
     assert "Tiny decoder - the VAE's decoder" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
+def test_coherence_scores_chunks_apart_under_controlled_inputs(micro_run, tmp_path):
+    """training.coherence: every row of its three tables is there; the teacher given the real
+    chunk 0 has exactly the real video's chunk 0 (the prefill is the real latents), and the real
+    chunk 0 with no noise decodes to the real video's first frames (the decode is causal)."""
+    out = tmp_path / "coh"
+    r = subprocess.run([sys.executable, "-m", "training.coherence", "--teacher",
+                        str(micro_run / "teacher" / "checkpoint.pt"), "--vae", str(micro_run / "vae"),
+                        "--videos", "2", "--chunks", "2", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    rows = {part: {row["name"]: row for row in res[part]} for part in ("context", "sampler", "noise")}
+    assert len(rows["context"]) == 6 and len(rows["sampler"]) == 4 and len(rows["noise"]) == 5
+    real, given = rows["context"]["real video through the VAE: chunk 0"], \
+        rows["context"]["teacher, given the real chunk 0: chunk 0"]
+    clean = rows["noise"]["real chunk 0 + noise std 0.0"]
+    for k in ("overall", "smoothness", "consistency", "shape", "presence"):
+        assert given[k] == real[k] == clean[k], k
+    for part in rows.values():
+        for row in part.values():
+            assert row["smoothness_lo"] <= row["smoothness"] <= row["smoothness_hi"] and row["videos"] == 2
+    assert "python -m training.coherence --teacher" in out.with_suffix(".md").read_text()
+
+
 def test_vae_training_resumes_exactly(tmp_path):
     """6 steps straight, or a run killed just after writing its state at step 2 and resumed to 6:
     the same weights, bit for bit (crops and bf16 autocast included); a finished run leaves no
