@@ -207,6 +207,22 @@ def test_bootstrap_interval_and_paired_difference():
         paired_difference(row, {"name": "b", "per_video": row["per_video"][1:]})
 
 
+def test_ablation_pairs_arms_of_different_seed_counts_on_their_common_runs():
+    """Two DMD-only seeds against one ASD seed: the difference pairs run 0 with run 0 (the
+    second DMD seed is left out, not mismatched), and says how many runs it paired."""
+    from training.ablation import _common_runs, paired_difference
+
+    def row(name, values):
+        per = [{"prompt": f"p{i % 3}", "seed": 0, "run": r, "overall": v} for r, vs in enumerate(values)
+               for i, v in enumerate(vs)]
+        return {"name": name, "per_run": [float(np.mean(vs)) for vs in values], "per_video": per}
+    dmd = row("dmd", [[0.1, 0.2, 0.3], [0.9, 0.9, 0.9]])
+    asd = row("asd", [[0.2, 0.3, 0.4]])
+    a, b = _common_runs(dmd, asd)
+    assert [v["run"] for v in a["per_video"]] == [0, 0, 0] and b["per_video"] == asd["per_video"]
+    assert paired_difference(a, b)["diff"] == pytest.approx(0.1)
+
+
 def test_ablation_cli_writes_table2_with_intervals(micro_run, tmp_path):
     """Two 'training seeds' per arm (the same checkpoint twice): the Table 2 rows exist at 1 and 2
     steps with intervals around their means, the reference rows are there, and ASD - DMD is 0."""

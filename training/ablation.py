@@ -88,6 +88,13 @@ def paired_difference(a: dict, b: dict, metric: str = "overall") -> dict:
     return {"a": a["name"], "b": b["name"], "metric": metric, "diff": mean, "lo": lo, "hi": hi}
 
 
+def _common_runs(a: dict, b: dict) -> tuple[dict, dict]:
+    """Two rows restricted to the training runs both have (arms trained with different numbers
+    of seeds pair run 0 with run 0, and so on)."""
+    n = min(len(a["per_run"]), len(b["per_run"]))
+    return tuple({**r, "per_video": [v for v in r["per_video"] if v["run"] < n]} for r in (a, b))
+
+
 # ---------------------------------------------------------------------------------------------
 # rows
 # ---------------------------------------------------------------------------------------------
@@ -209,8 +216,9 @@ def run(teacher: Path | None, students: dict[str, list[Path]], vae: Path, config
     if {"DMD only", "ASD"} <= set(students):
         for steps in step_counts:
             for ffe in (False, True):
-                d = paired_difference(table2[("DMD only", steps, ffe)], table2[("ASD", steps, ffe)])
-                diffs.append({**d, "steps": steps, "ffe": ffe})
+                a, b = _common_runs(table2[("DMD only", steps, ffe)], table2[("ASD", steps, ffe)])
+                d = paired_difference(a, b)
+                diffs.append({**d, "steps": steps, "ffe": ffe, "runs_paired": len({v["run"] for v in a["per_video"]})})
     return {"rows": rows, "differences": diffs, "decoder_differences": decoder_diffs, "table2": [
         {"row": label, "steps": steps, "overall": table2[(arm, steps, ffe)]["overall"],
          "lo": table2[(arm, steps, ffe)]["overall_lo"], "hi": table2[(arm, steps, ffe)]["overall_hi"]}
@@ -235,7 +243,9 @@ def to_markdown(result: dict, meta: dict) -> str:
         lines += [f"| {t['row']} | {t['steps']} | {t['overall']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}] |"
                   for t in result["table2"]]
     if result["differences"]:
-        lines += ["", "ASD - DMD only, paired (same prompts, seeds, training-seed index):", "",
+        runs = {d.get("runs_paired") for d in result["differences"]}
+        first = "" if len(runs) != 1 or None in runs else f"; the first {runs.pop()} training seed(s) of each arm"
+        lines += ["", f"ASD - DMD only, paired (same prompts, seeds, training-seed index{first}):", "",
                   "| steps | FFE | difference in overall [95% CI] |", "|---|---|---|"]
         lines += [f"| {d['steps']} | {'yes' if d['ffe'] else 'no'} | {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] |"
                   for d in result["differences"]]
