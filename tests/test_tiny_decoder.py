@@ -101,6 +101,27 @@ def test_init_starts_from_a_trained_decoder(vae_dir, tmp_path):
                            **{**KW, "arch": "demo-lite", "config": "tiny"})
 
 
+def test_pool_at_the_dit_data_speed(vae_dir, tmp_path):
+    """speed_scale: the pool's procedural clips move at that multiple of the grammar's speeds (other
+    clips than at speed 1), the report says so, a speed-1 pool is not reused for it,
+    and a video folder refuses it."""
+    from asd_deploy.config import ModelConfig
+    from training.tiny_decoder import load_clips
+
+    cfg = ModelConfig.preset("tiny")
+    one, two = load_clips("procedural", 2, 9, cfg, 0), load_clips("procedural", 2, 9, cfg, 0, speed_scale=2.0)
+    assert one.shape == two.shape and not torch.equal(one, two)
+    out = tmp_path / "td"
+    r1 = train_tiny_decoder(out, vae_dir, model=None, steps=1, save_every=0, **KW)
+    pool1 = torch.load(str(out) + ".pool.pt", weights_only=True)
+    r2 = train_tiny_decoder(out, vae_dir, model=None, steps=1, save_every=0, speed_scale=2.0, **KW)
+    pool2 = torch.load(str(out) + ".pool.pt", weights_only=True)
+    assert (r1["speed_scale"], r2["speed_scale"]) == (1.0, 2.0) and pool1["key"] != pool2["key"]
+    assert not torch.equal(pool1["held_px"], pool2["held_px"])
+    with pytest.raises(ValueError, match="applies to procedural data"):
+        load_clips(str(tmp_path), 1, 9, cfg, 0, speed_scale=2.0)
+
+
 @pytest.mark.slow  # one subprocess per bad input (~12 s)
 def test_cli_errors(vae_dir, tmp_path):
     def run(*args):
@@ -108,7 +129,8 @@ def test_cli_errors(vae_dir, tmp_path):
                                str(tmp_path / "x"), *args], capture_output=True, text=True, timeout=120)
     for args, needle in [(["--arch", "huge"], "valid:"), (["--clip-frames", "8"], "1 + 4k"),
                          (["--model", "demo"], "give --config demo"), (["--steps", "9"], "--max-steps 9"),
-                         (["--model", "none"], "give --config")]:
+                         (["--model", "none"], "give --config"),
+                         (["--speed-scale", "0"], "--speed-scale must be in (0, 4]")]:
         r = run(*args)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     r = subprocess.run([sys.executable, "-m", "training.tiny_decoder", "--vae", str(tmp_path / "none"), "--out",

@@ -50,11 +50,14 @@ def _to_u8(video: torch.Tensor) -> torch.Tensor:
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def load_clips(data: str, num: int, frames: int, cfg: ModelConfig, seed: int) -> torch.Tensor:
-    """float [num, 3, frames, H, W] in [-1, 1]: procedural videos, or the clips of a video
-    folder (NAME.mp4 + NAME.txt; cycled if it holds fewer than `num`)."""
+def load_clips(data: str, num: int, frames: int, cfg: ModelConfig, seed: int, speed_scale: float = 1.0) -> torch.Tensor:
+    """float [num, 3, frames, H, W] in [-1, 1]: procedural videos (objects at `speed_scale` x the
+    grammar's speeds), or the clips of a video folder (NAME.mp4 + NAME.txt; cycled if it holds
+    fewer than `num`)."""
     if data == "procedural":
-        return render(num, seed, frames, cfg.height, cfg.width, max_objects=2)
+        return render(num, seed, frames, cfg.height, cfg.width, max_objects=2, speed_scale=speed_scale)
+    if speed_scale != 1.0:
+        raise ValueError(f"--speed-scale {speed_scale:g} applies to procedural data; {data} is a video folder")
     from .data import VideoFolder
 
     ds = VideoFolder(data, frames, cfg.height, cfg.width)
@@ -176,11 +179,12 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
                        steps: int = 3000, batch: int = 8, lr: float = 2e-3,
                        amp: str | None = None, seed: int = 0, save_every: int = 250, resume: bool = False,
                        eval_clips: int = 16, toybench_prompts: int = 8, speed_repeats: int = 5,
-                       init: str | Path | None = None, log=print) -> dict:
+                       init: str | Path | None = None, speed_scale: float = 1.0, log=print) -> dict:
     """Distil, evaluate, save (atomically) and return the report. `model`: the DiT for generated
     latents and ToyBench ("default" or a model folder; None: neither); `config`: the geometry
     (default: the model's); `steps`: training steps; `init`: a trained tiny-decoder folder of the
-    same `arch` to start from (a fine-tune: longer training, or another data set)."""
+    same `arch` to start from (a fine-tune: longer training, or another data set); `speed_scale`: the
+    procedural clips' motion speed (the DiT's `data.speed_scale`, so the pool looks like its latents)."""
     from tqdm import tqdm
 
     from asd_deploy.checkpoint import atomic_write
@@ -196,6 +200,8 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
         raise ValueError(f"--clip-frames {clip_frames}: expected 1 + {cfg.vae_stride[0]}k frames")
     if min(steps, batch, clips, eval_clips) < 1 or generated < 0:
         raise ValueError("steps, batch, clips and eval_clips must be >= 1 and generated >= 0")
+    if not 0 < speed_scale <= 4:
+        raise ValueError(f"speed_scale must be in (0, 4] (a multiple of the grammar's speeds); got {speed_scale}")
     if amp not in (None, "bf16"):
         raise ValueError(f"amp={amp!r}; valid: None (fp32) or 'bf16'")
     if generated and dit is None:
@@ -225,16 +231,17 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
     pool_path = Path(str(out) + ".pool.pt")
     from asd_deploy.decoders.engine import decoder_hash
     key = stage_key(vae=decoder_hash(VaeDecodeNet(teacher)), config=cfg.to_dict(), data=data, clips=clips,
-                    frames=clip_frames, noise=latent_noise, generated=generated, dit=dit, seed=seed, eval=eval_clips)
+                    frames=clip_frames, noise=latent_noise, generated=generated, dit=dit, seed=seed, eval=eval_clips,
+                    **({"speed": speed_scale} if speed_scale != 1.0 else {}))  # a speed-1 pool keeps its key
     pool = torch.load(pool_path, weights_only=True) if pool_path.is_file() else None
     if pool is None or pool.get("key") != key:
         log(f"teacher: encoding and decoding {clips} training + {eval_clips} held-out clips of {clip_frames} frames "
             f"({data}){f' and {generated} DiT-generated' if generated else ''} ...")
         gen = generated_latents(dit, generated + max(1, generated // 8), clip_frames, cfg, seed + 7) if generated \
             else None
-        train_lat, train_px = teacher_pool(teacher, load_clips(data, clips, clip_frames, cfg, seed),
+        train_lat, train_px = teacher_pool(teacher, load_clips(data, clips, clip_frames, cfg, seed, speed_scale),
                                            None if gen is None else gen[:generated], latent_noise, seed)
-        held = load_clips(data, eval_clips, clip_frames, cfg, seed + 1)
+        held = load_clips(data, eval_clips, clip_frames, cfg, seed + 1, speed_scale)
         held_lat, held_px = teacher_pool(teacher, held, None, 0.0, seed + 1)  # the encoder's latents as they are
         noisy_lat, noisy_px = teacher_pool(teacher, held, None, latent_noise, seed + 2, perturb_every=1)
         pool = {"key": key, "train_lat": train_lat, "train_px": train_px, "held_lat": held_lat, "held_px": held_px,
@@ -280,7 +287,7 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
     # ---- report ------------------------------------------------------------------------------
     full_s, tiny_s = chunk_seconds(VaeDecodeNet(teacher), cfg, speed_repeats), chunk_seconds(tiny, cfg, speed_repeats)
     report = {"vae": str(vae), "model": dit, "geometry": cfg.name, "arch": arch, "config": tiny.config.to_dict(),
-              "data": data,
+              "data": data, "speed_scale": speed_scale,
               "clips": clips, "clip_frames": clip_frames, "latent_noise": latent_noise, "generated": generated,
               "steps": steps, "batch": batch, "lr": lr, "amp": amp, "seed": seed,
               "init": None if init is None else str(init),
@@ -326,6 +333,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="demo", help=f"architecture: {sorted(TINY_DECODER_ARCHS)}")
     p.add_argument("--data", default="procedural", help="'procedural' or a folder of NAME.mp4 + NAME.txt")
     p.add_argument("--clips", type=positive_int, default=512, help="training clips in the teacher pool")
+    p.add_argument("--speed-scale", type=float, default=1.0,
+                   help="procedural clips' motion speed, a multiple of the grammar's (the DiT's data.speed_scale)")
     p.add_argument("--clip-frames", type=int, default=13,
                    help="pixel frames per clip (1 + 4k); the decode is exactly causal, so short clips train streaming")
     p.add_argument("--latent-noise", type=float, default=0.2, help="noise std on every other clip's latents")
@@ -344,6 +353,8 @@ def main(argv=None) -> int:
     p.add_argument("--toybench-prompts", type=int, default=8, help="ToyBench prompts with a --model (0: skip)")
     add_quiet(p)
     a = p.parse_args(argv)
+    if not 0 < a.speed_scale <= 4:
+        p.error(f"--speed-scale must be in (0, 4]; got {a.speed_scale}")
     if a.steps is not None:
         p.error(f"--steps is the number of denoising steps in every asd-deploy tool; the decoder's training "
                 f"length is --max-steps (e.g. --max-steps {a.steps})")
@@ -353,7 +364,8 @@ def main(argv=None) -> int:
                            clips=a.clips, clip_frames=a.clip_frames, latent_noise=a.latent_noise,
                            generated=a.generated, steps=a.max_steps, batch=a.batch, lr=a.lr, amp=a.amp, seed=a.seed,
                            save_every=a.save_every, resume=a.resume, eval_clips=a.eval_clips,
-                           toybench_prompts=a.toybench_prompts, init=a.init, log=None if a.quiet else print)
+                           toybench_prompts=a.toybench_prompts, init=a.init, speed_scale=a.speed_scale,
+                           log=None if a.quiet else print)
         return 0
     return run_command(run, interrupted=f"interrupted; rerun with --resume to continue from {a.out}.state.pt")
 
