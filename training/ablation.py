@@ -332,11 +332,17 @@ def _main(a) -> int:
     meta = {"prompts": a.prompts, "seeds": a.seeds, "chunks": a.chunks, "config": a.config, "vae": a.vae,
             "checkpoints": {"teacher": a.teacher, "dmd": a.dmd, "asd": a.asd}, "tiny_decoder": a.tiny_decoder,
             "speed_scale": speed, "text_encoder": a.text_encoder, "bootstrap_draws": BOOTSTRAP}
-    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**result, **meta}, indent=1)))
-    md = to_markdown(result, meta)
-    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))
-    print(md)
+    print(write_report(out, result, meta, to_markdown))
     return 0
+
+
+def write_report(out: Path, result: dict, meta: dict, markdown) -> str:
+    """OUT.json ({**result, **meta}) and OUT.md (`markdown(result, meta)`), each written
+    atomically; returns the Markdown."""
+    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**result, **meta}, indent=1)))
+    md = markdown(result, meta)
+    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))
+    return md
 
 
 if __name__ == "__main__":

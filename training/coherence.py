@@ -22,20 +22,19 @@ scorer (`toybench`) and the statistics and run-config readers of `ablation`.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from asd_deploy.checkpoint import atomic_write, load_checkpoint
+from asd_deploy.checkpoint import load_checkpoint
 from asd_deploy.generator import EagerStep, SeededNoise, sample_chunks
 from asd_deploy.schedule import EulerSchedule
 from asd_deploy.text import load_text_encoder
 from asd_deploy.vae import VideoVAE, to_uint8_frames
 
 from . import toybench
-from .ablation import bootstrap_ci, data_speed_scale, model_config
+from .ablation import bootstrap_ci, data_speed_scale, model_config, write_report
 from .data import ProceduralVideos
 
 KEYS = ("overall", "smoothness", "consistency", "shape", "presence", "motion")
@@ -141,11 +140,7 @@ def _main(a) -> int:
                      speed)
     meta = {"teacher": a.teacher, "vae": a.vae, "videos": a.videos, "chunks": a.chunks, "seed": a.seed,
             "speed_scale": speed, "command": a.command}
-    out = Path(a.out)
-    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**result, **meta}, indent=1)))
-    md = to_markdown(result, meta)
-    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))
-    print(md)
+    print(write_report(Path(a.out), result, meta, to_markdown))
     return 0
 
 
