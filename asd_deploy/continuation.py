@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .vae import from_uint8_frames
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_INIT_BYTES = 32 * 1024 * 1024
@@ -125,8 +126,7 @@ def init_latents(vae, frames: np.ndarray, config: ModelConfig) -> torch.Tensor:
     if len(frames) < n:  # an image or a short clip: hold the last frame
         frames = np.concatenate([frames, np.repeat(frames[-1:], n - len(frames), axis=0)])
     frames = fit_frames(frames, config.height, config.width)
-    video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, T, H, W]
-    lat = vae.encode(video)
+    lat = vae.encode(from_uint8_frames(frames))
     want = (1, config.in_channels, config.latent_frames_for(n), config.latent_height, config.latent_width)
     if tuple(lat.shape) != want:
         raise ValueError(f"the VAE encoded the init frames to {list(lat.shape)}; the DiT expects {list(want)}")

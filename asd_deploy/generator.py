@@ -185,10 +185,10 @@ def sample_chunks(step: ChunkStep, context: torch.Tensor, *, num_chunks: int, sc
     if cache is None:  # with the work chunk where a live step attends in place
         cache = KVCache(cfg, width, dtype, dev, work_chunk=getattr(step, "live_cache", False))
     if prefill is not None:
+        if prefill.ndim != 5 or prefill.shape[0] != batch:
+            raise ValueError(f"prefill latents must be [B, C, F, H, W] with B = the context's batch {batch}; "
+                             f"got {list(prefill.shape)}")
         if guidance is not None:  # both branches' caches hold the given frames, as after a clean pass
-            if prefill.ndim != 5 or prefill.shape[0] != batch:
-                raise ValueError(f"prefill latents must be [B, C, F, H, W] with B = the context's batch "
-                                 f"{batch}; got {list(prefill.shape)}")
             prefill = torch.cat([prefill, prefill])
         prefill_cache(step, cache, prefill, cross_k, cross_v)
     shape = cfg.chunk_shape(batch)

@@ -246,6 +246,12 @@ class StreamDecoder:
         return out.clamp_(-1.0, 1.0).float()
 
 
+def from_uint8_frames(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [1, 3, T, H, W] in [-1, 1] (what `VideoVAE.encode` takes); the
+    inverse of `to_uint8_frames` up to its rounding."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+
+
 def to_uint8_frames(video: torch.Tensor, batch_index: int | None = 0) -> np.ndarray:
     """[B, 3, T, H, W] (or [3, T, H, W]) in [-1, 1] -> uint8 [T, H, W, 3] for one batch entry,
     or [B, T, H, W, 3] with batch_index=None."""

@@ -101,6 +101,8 @@ def test_bad_inputs(tiny_model, tiny_cfg):
         next(generate(step, rand_context(tiny_cfg), num_chunks=0))
     with pytest.raises(ValueError, match="multiple of 3"):
         next(generate(step, rand_context(tiny_cfg), num_chunks=1, prefill=torch.zeros(1, 16, 2, 4, 6)))
+    with pytest.raises(ValueError, match="B = the context's batch 1"):
+        next(generate(step, rand_context(tiny_cfg), num_chunks=1, prefill=torch.zeros(2, 16, 3, 4, 6)))
 
 
 def test_timesteps_follow_the_model_config(tiny_model, tiny_cfg):

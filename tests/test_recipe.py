@@ -207,6 +207,15 @@ def test_bootstrap_interval_and_paired_difference():
         paired_difference(row, {"name": "b", "per_video": row["per_video"][1:]})
 
 
+def test_coherence_needs_a_chunk_after_chunk_0(tmp_path):
+    """One chunk leaves nothing to score after chunk 0: a clear error before anything loads."""
+    from asd_deploy.config import ModelConfig
+    from training.coherence import measure
+
+    with pytest.raises(ValueError, match="--chunks 1: at least 2"):
+        measure(tmp_path / "none.pt", tmp_path / "no-vae", ModelConfig.preset("tiny"), chunks=1)
+
+
 def test_ablation_pairs_arms_of_different_seed_counts_on_their_common_runs():
     """Two DMD-only seeds against one ASD seed: the difference pairs run 0 with run 0 (the
     second DMD seed is left out, not mismatched), and says how many runs it paired."""

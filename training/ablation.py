@@ -35,10 +35,10 @@ from asd_deploy.config import ModelConfig
 from asd_deploy.generator import EagerStep, SeededNoise, generate, sample_chunks
 from asd_deploy.schedule import EulerSchedule, Schedule
 from asd_deploy.text import load_text_encoder
-from asd_deploy.vae import VideoVAE, to_uint8_frames
+from asd_deploy.vae import VideoVAE, from_uint8_frames, to_uint8_frames
 
 from . import toybench
-from .data import ProceduralVideos, eval_prompts
+from .data import ProceduralVideos, check_speed_scale_arg, eval_prompts
 
 BOOTSTRAP = 10_000
 
@@ -158,8 +158,7 @@ def reference_rows(vae: VideoVAE, config: ModelConfig, num: int, num_chunks: int
     per: dict[str, list[dict]] = {}
     for i in range(num):
         item = ds[i]
-        x = torch.from_numpy(item["video"]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-        z = vae.encode(x)
+        z = vae.encode(from_uint8_frames(item["video"]))
         videos = {"real videos": item["video"],
                   CEILING_ROW: to_uint8_frames(vae.decode(z)),
                   **{f"{ENCODER_ROW}{k}": to_uint8_frames(decode(z)) for k, decode in (decoders or {}).items() if k},
@@ -312,8 +311,7 @@ def main(argv=None) -> int:
                         "scorer; default: data.speed_scale of the teacher's run config.json (else 1)")
     p.add_argument("--out", default="training/reports/ablation", help="writes OUT.md and OUT.json")
     a = p.parse_args(argv)
-    if a.speed_scale is not None and not 0 < a.speed_scale <= 4:
-        p.error(f"--speed-scale must be in (0, 4]; got {a.speed_scale}")
+    check_speed_scale_arg(p, a.speed_scale)
     for path in [a.teacher, *a.dmd, *a.asd]:
         if path is not None and not Path(path).is_file():
             p.error(f"checkpoint {path} does not exist")

@@ -31,11 +31,11 @@ from asd_deploy.checkpoint import load_checkpoint
 from asd_deploy.generator import EagerStep, SeededNoise, sample_chunks
 from asd_deploy.schedule import EulerSchedule
 from asd_deploy.text import load_text_encoder
-from asd_deploy.vae import VideoVAE, to_uint8_frames
+from asd_deploy.vae import VideoVAE, from_uint8_frames, to_uint8_frames
 
 from . import toybench
 from .ablation import bootstrap_ci, data_speed_scale, model_config, write_report
-from .data import ProceduralVideos
+from .data import ProceduralVideos, check_speed_scale_arg
 
 KEYS = ("overall", "smoothness", "consistency", "shape", "presence", "motion")
 SAMPLERS = {"CFG 3, 20 steps, shift 5 (the ablation's)": (3.0, 20, 5.0), "no CFG, 20 steps, shift 5": (None, 20, 5.0),
@@ -48,6 +48,8 @@ def measure(teacher: Path, vae_path: Path, config, videos: int = 16, chunks: int
             speed_scale: float = 1.0, text_encoder: str = "default") -> dict:
     """{"context": rows, "sampler": rows, "noise": rows}; each row {"name", metric means,
     "smoothness_lo", "smoothness_hi", "videos"}."""
+    if chunks < 2:
+        raise ValueError(f"--chunks {chunks}: at least 2 (chunk 0 and the chunks after it are scored apart)")
     vae = VideoVAE.from_pretrained(vae_path)
     step = EagerStep(load_checkpoint(teacher, config, prefer="generator_ema"))
     enc = load_text_encoder(text_encoder, config.text_len)
@@ -69,7 +71,7 @@ def measure(teacher: Path, vae_path: Path, config, videos: int = 16, chunks: int
     for i in range(videos):
         item = ds[i]
         cap = item["caption"]
-        z = vae.encode(torch.from_numpy(item["video"]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)
+        z = vae.encode(from_uint8_frames(item["video"]))
         ctx = enc.encode([cap]).float()
         z0 = z[:, :, :fpc]
         runs = {"real video through the VAE": z, "teacher, its own chunk 0": sample(ctx, chunks),
@@ -77,8 +79,7 @@ def measure(teacher: Path, vae_path: Path, config, videos: int = 16, chunks: int
         for name, lat in runs.items():
             video = to_uint8_frames(vae.decode(lat))
             score("context", f"{name}: chunk 0", video[:first], cap)
-            if chunks > 1:
-                score("context", f"{name}: chunks 1-{chunks - 1}", video[first:], cap)
+            score("context", f"{name}: chunks 1-{chunks - 1}", video[first:], cap)
         for name, (guidance, steps, shift) in SAMPLERS.items():
             score("sampler", name, to_uint8_frames(vae.decode(sample(ctx, 1, guidance, steps, shift))), cap)
         for std in NOISE_STDS:
@@ -128,8 +129,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not Path(a.teacher).is_file():
         p.error(f"--teacher {a.teacher} does not exist")
-    if a.speed_scale is not None and not 0 < a.speed_scale <= 4:
-        p.error(f"--speed-scale must be in (0, 4]; got {a.speed_scale}")
+    check_speed_scale_arg(p, a.speed_scale)
     a.command = "python -m training.coherence " + " ".join(sys.argv[1:] if argv is None else argv)
     return run_command(_main, a)
 

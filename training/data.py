@@ -172,6 +172,15 @@ def shape_mask(shape: str, cx, cy, r, height: int, width: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES}")
 
 
+MAX_SPEED_SCALE = 4  # speed_scale's bound: objects at most 4x the grammar's speeds
+
+
+def check_speed_scale_arg(parser, value: float | None) -> None:
+    """`parser.error` unless a `--speed-scale` value is in (0, MAX_SPEED_SCALE] (None: not given)."""
+    if value is not None and not 0 < value <= MAX_SPEED_SCALE:
+        parser.error(f"--speed-scale must be in (0, {MAX_SPEED_SCALE}]; got {value}")
+
+
 class ProceduralVideos:
     """Seeded captioned videos of bouncing shapes. `ds[i]` is {"video": uint8 [T, H, W, 3],
     "caption": str, "objects": [ObjectSpec], "background": name}, a function of (seed, i) only.
@@ -186,8 +195,9 @@ class ProceduralVideos:
                              f"num_samples={num_samples}, seed={seed}")
         if not 1 <= max_objects <= len(PALETTE):
             raise ValueError(f"max_objects must be in 1..{len(PALETTE)} (distinct colours); got {max_objects}")
-        if not 0 < speed_scale <= 4:
-            raise ValueError(f"speed_scale must be in (0, 4] (a multiple of SPEED_RANGE); got {speed_scale}")
+        if not 0 < speed_scale <= MAX_SPEED_SCALE:
+            raise ValueError(f"speed_scale must be in (0, {MAX_SPEED_SCALE}] (a multiple of SPEED_RANGE); "
+                             f"got {speed_scale}")
         self.num_samples, self.seed, self.max_objects = num_samples, seed, max_objects
         self.speed_scale = float(speed_scale)
         self.height, self.width, self.frames = height, width, frames

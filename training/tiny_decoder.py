@@ -42,6 +42,7 @@ from asd_deploy.decoders.tiny import TINY_DECODER_ARCHS, TinyDecoder
 from asd_deploy.decoders.vae import VaeDecodeNet
 from asd_deploy.vae import VideoVAE
 
+from .data import MAX_SPEED_SCALE, check_speed_scale_arg
 from .resume import load_state, save_state, state_path
 from .vae import psnr, render
 
@@ -200,8 +201,9 @@ def train_tiny_decoder(out: Path, vae: str | Path, model: str | None = "default"
         raise ValueError(f"--clip-frames {clip_frames}: expected 1 + {cfg.vae_stride[0]}k frames")
     if min(steps, batch, clips, eval_clips) < 1 or generated < 0:
         raise ValueError("steps, batch, clips and eval_clips must be >= 1 and generated >= 0")
-    if not 0 < speed_scale <= 4:
-        raise ValueError(f"speed_scale must be in (0, 4] (a multiple of the grammar's speeds); got {speed_scale}")
+    if not 0 < speed_scale <= MAX_SPEED_SCALE:
+        raise ValueError(f"speed_scale must be in (0, {MAX_SPEED_SCALE}] (a multiple of the grammar's speeds); "
+                         f"got {speed_scale}")
     if amp not in (None, "bf16"):
         raise ValueError(f"amp={amp!r}; valid: None (fp32) or 'bf16'")
     if generated and dit is None:
@@ -353,8 +355,7 @@ def main(argv=None) -> int:
     p.add_argument("--toybench-prompts", type=int, default=8, help="ToyBench prompts with a --model (0: skip)")
     add_quiet(p)
     a = p.parse_args(argv)
-    if not 0 < a.speed_scale <= 4:
-        p.error(f"--speed-scale must be in (0, 4]; got {a.speed_scale}")
+    check_speed_scale_arg(p, a.speed_scale)
     if a.steps is not None:
         p.error(f"--steps is the number of denoising steps in every asd-deploy tool; the decoder's training "
                 f"length is --max-steps (e.g. --max-steps {a.steps})")

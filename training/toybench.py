@@ -53,7 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import BACKGROUNDS, DIRECTION_FRAMES, DIRECTIONS, PALETTE, SPEED_RANGE, eval_prompts, parse_caption
+from .data import (BACKGROUNDS, DIRECTION_FRAMES, DIRECTIONS, MAX_SPEED_SCALE, PALETTE, SPEED_RANGE, eval_prompts,
+                   parse_caption)
 
 COLOR_CAP = 60.0           # RGB distance; < half the closest pair of known colours (127)
 MIN_AREA_FRAC = 0.005      # a blob smaller than this share of the frame is not an object
@@ -243,8 +244,8 @@ def score_video(video: np.ndarray, caption: str, speed_scale: float = 1.0) -> di
     video = np.asarray(video)
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or not len(video):
         raise ValueError(f"video must be uint8 [T, H, W, 3] with T >= 1; got {video.dtype} {list(video.shape)}")
-    if not 0 < speed_scale <= 4:
-        raise ValueError(f"speed_scale must be in (0, 4] (a multiple of SPEED_RANGE); got {speed_scale}")
+    if not 0 < speed_scale <= MAX_SPEED_SCALE:
+        raise ValueError(f"speed_scale must be in (0, {MAX_SPEED_SCALE}] (a multiple of SPEED_RANGE); got {speed_scale}")
     spec = parse_caption(caption)
     t, h, w = video.shape[:3]
     labels = [color_labels(f) for f in video]

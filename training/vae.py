@@ -29,6 +29,7 @@ import torch
 from asd_deploy.config import ModelConfig
 from asd_deploy.vae import TINY_CONFIG, VideoVAE
 
+from .data import MAX_SPEED_SCALE, check_speed_scale_arg
 from .resume import load_state, save_state, state_path
 
 
@@ -218,8 +219,8 @@ def train_vae(out: Path, steps: int = 6000, batch: int = 32, lr: float = 1e-3, k
         raise ValueError(f"clip_frames={clip_frames}: expected 1 + 4k frames (the VAE's temporal stride is 4)")
     if arch is not None and arch not in VAE_ARCHS:
         raise ValueError(f"arch={arch!r}; valid: {sorted(VAE_ARCHS)}")
-    if not 0 < speed_scale <= 4:
-        raise ValueError(f"speed_scale={speed_scale}: expected a value in (0, 4]")
+    if not 0 < speed_scale <= MAX_SPEED_SCALE:
+        raise ValueError(f"speed_scale={speed_scale}: expected a value in (0, {MAX_SPEED_SCALE}]")
     if amp not in (None, "bf16"):
         raise ValueError(f"amp={amp!r}; valid: None (fp32) or 'bf16'")
     if steps < 1 or batch < 1 or num_videos < 1:
@@ -368,8 +369,7 @@ def main(argv=None) -> int:
     p.add_argument("--report", default=None, help="with --compare: write the JSON here (atomically)")
     add_quiet(p)
     a = p.parse_args(argv)
-    if not 0 < a.speed_scale <= 4:
-        p.error(f"--speed-scale must be in (0, 4]; got {a.speed_scale}")
+    check_speed_scale_arg(p, a.speed_scale)
     if a.compare:
         from asd_deploy.checkpoint import atomic_write
 
